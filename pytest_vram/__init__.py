@@ -1,0 +1,24 @@
+"""pytest-vram: GPU memory budgets and baselines for LLM fine-tuning steps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pytest_vram.meters.base import Breakdown, MemoryResult
+from pytest_vram.spec import SpecError, StepSpec
+
+__all__ = ["Breakdown", "MemoryResult", "SpecError", "StepSpec", "__version__", "measure"]
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pytest_vram.meters.base import Meter
+
+
+def measure(spec: StepSpec, meter: Meter | str = "host") -> MemoryResult:
+    """Run one spec in this process (no isolation); the pytest plugin isolates it for you."""
+    from pytest_vram.meters import make_meter
+    from pytest_vram.step import run_step
+
+    return run_step(spec, make_meter(meter) if isinstance(meter, str) else meter)
+
+

@@ -1,0 +1,54 @@
+"""The ``vram_budget`` marker: its arguments, validated at collection."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Final, final
+
+from pytest_vram.spec import FIELDS, SpecError, check_field
+
+__all__ = ["MARKER", "MarkerArgs", "parse_marker"]
+
+MARKER: Final = "vram_budget"
+_OWN: Final = ("gb", "tolerance")
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class MarkerArgs:
+    gb: float
+    tolerance: float | None
+    # StepSpec fields given in the marker are the defaults of vram.step() in that test.
+    spec_defaults: Mapping[str, Any]
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{name}={value!r} must be a number")
+    return float(value)
+
+
+def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs:
+    if args:
+        raise SpecError(f"takes keyword arguments only, got positional {args!r}; write gb=...")
+    if "gb" not in kwargs:
+        raise SpecError("gb is missing: write @pytest.mark.vram_budget(gb=<GiB>)")
+    gb = _number("gb", kwargs["gb"])
+    if gb <= 0:
+        raise SpecError(f"gb={kwargs['gb']!r} must be > 0 (GiB)")
+    tolerance = None
+    if "tolerance" in kwargs:
+        tolerance = _number("tolerance", kwargs["tolerance"])
+        if tolerance < 0:
+            raise SpecError(f"tolerance={kwargs['tolerance']!r} must be >= 0 (0.05 is 5%)")
+    defaults: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in _OWN:
+            continue
+        if name not in FIELDS:
+            known = ", ".join((*_OWN, *FIELDS))
+            raise SpecError(f"unknown keyword {name}={value!r}; known: {known}")
+        defaults[name] = check_field(name, value)
+    return MarkerArgs(gb, tolerance, defaults)

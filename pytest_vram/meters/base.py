@@ -1,0 +1,137 @@
+"""What a meter measures, and the result every meter returns.
+
+Nothing here imports torch: results travel from the worker child to the pytest process as JSON
+and are read there without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol, final
+
+from pytest_vram.spec import StepSpec
+
+if TYPE_CHECKING:
+    import torch
+    from typing_extensions import Self
+
+__all__ = ["GIB", "Breakdown", "MemoryResult", "Meter", "Roles", "StepMeasure", "gib"]
+
+GIB: Final = 2**30
+SCHEMA: Final = 1
+
+
+def gib(nbytes: int | float) -> float:
+    return nbytes / GIB
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Breakdown:
+    """Bytes live at the peak, by role. The five terms add up to the peak."""
+
+    param_bytes: int = 0
+    buffer_bytes: int = 0  # model state that is not a parameter (rotary tables, ...)
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    activation_bytes: int = 0  # activations and temporaries: everything else
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(dataclasses.astuple(self))
+
+    def rows(self) -> Iterable[tuple[str, int]]:
+        yield "parameters", self.param_bytes
+        yield "buffers", self.buffer_bytes
+        yield "gradients", self.grad_bytes
+        yield "optimizer state", self.optimizer_bytes
+        yield "activations and temporaries", self.activation_bytes
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class StepMeasure:
+    peak_bytes: int
+    breakdown: Breakdown
+    reserved_bytes: int | None = None
+
+
+@dataclasses.dataclass
+class Roles:
+    """The tensors that hold model state at the end of a step, for the breakdown."""
+
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    optimizer: list[torch.Tensor]
+
+
+class Meter(Protocol):
+    """Reads memory around a step. Host, fake and cuda meters differ only in how they read it."""
+
+    name: str
+    device: str  # torch device the step runs on
+
+    def fingerprint(self) -> str: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def step_begin(self) -> None: ...
+
+    def step_end(self, roles: Roles) -> StepMeasure: ...
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class MemoryResult:
+    """Peak memory of one measured case, with its breakdown at the peak."""
+
+    label: str
+    meter: str
+    device: str  # device fingerprint: baselines are kept per fingerprint
+    peak_bytes: int
+    step_peak_bytes: tuple[int, ...]
+    breakdown: Breakdown
+    spec: StepSpec | None = None
+    reserved_bytes: int | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+    versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return gib(self.peak_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["spec"] = self.spec.to_dict() if self.spec else None
+        data["step_peak_bytes"] = list(self.step_peak_bytes)
+        data["versions"] = dict(self.versions)
+        data["schema"] = SCHEMA
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryResult:
+        data = dict(data)
+        schema = data.pop("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise ValueError(f"result schema {schema!r} is not {SCHEMA}")
+        spec = data.pop("spec", None)
+        return cls(
+            spec=StepSpec.from_dict(spec) if spec else None,
+            breakdown=Breakdown(**data.pop("breakdown")),
+            step_peak_bytes=tuple(data.pop("step_peak_bytes")),
+            versions=dict(data.pop("versions", {})),
+            **data,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MemoryResult:
+        return cls.from_dict(json.loads(text))

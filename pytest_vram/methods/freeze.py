@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final, final
+
+from pytest_vram.spec import OptionValue, SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_vram.spec import StepSpec
+
+
+@final
+class Freeze:
+    """Only the last ``trainable_layers`` decoder layers train (LLaMA-Factory's ``freeze``)."""
+
+    name: Final = "freeze"
+    options: Final[Mapping[str, OptionValue]] = {"trainable_layers": 2}
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        k = spec.method_option("trainable_layers")
+        layers = model.get_decoder().layers  # type: ignore[operator, union-attr]
+        if not 1 <= k <= len(layers):
+            raise SpecError(
+                f"method_options: trainable_layers={k} must be between 1 and the "
+                f"{len(layers)} layers of {spec.model}"
+            )
+        model.requires_grad_(False)
+        for layer in layers[len(layers) - k :]:
+            layer.requires_grad_(True)
+        return model

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final, final
+
+from pytest_vram.spec import OptionValue
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_vram.spec import StepSpec
+
+
+@final
+class Full:
+    """Every parameter trains."""
+
+    name: Final = "full"
+    options: Final[Mapping[str, OptionValue]] = {}
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        model.requires_grad_(True)
+        return model

@@ -1,0 +1,49 @@
+"""Optimizers from torch; their state is what the breakdown calls optimizer state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final, final
+
+from pytest_vram.spec import OptionValue
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_vram.spec import StepSpec
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@final
+class AdamW:
+    """torch AdamW: two state tensors (exp_avg, exp_avg_sq) the size of each trainable param."""
+
+    name: Final = "adamw"
+    options: Final[Mapping[str, OptionValue]] = {"lr": 1e-4, "weight_decay": 0.0}
+
+    def build(self, model: torch.nn.Module, spec: StepSpec) -> torch.optim.Optimizer:
+        import torch
+
+        return torch.optim.AdamW(
+            trainable(model),
+            lr=spec.optimizer_option("lr"),
+            weight_decay=spec.optimizer_option("weight_decay"),
+        )
+
+
+@final
+class SGD:
+    """torch SGD; with momentum it keeps one buffer per trainable param, without none."""
+
+    name: Final = "sgd"
+    options: Final[Mapping[str, OptionValue]] = {"lr": 1e-3, "momentum": 0.0}
+
+    def build(self, model: torch.nn.Module, spec: StepSpec) -> torch.optim.Optimizer:
+        import torch
+
+        return torch.optim.SGD(
+            trainable(model), lr=spec.optimizer_option("lr"), momentum=spec.optimizer_option("momentum")
+        )

@@ -1,0 +1,137 @@
+"""Command-line options and their ini twins, resolved in one place.
+
+Each option ``--vram-x`` has the ini key ``vram_x`` (``--gpu`` has ``gpu``). CLI defaults are
+``None`` so the ini value is read when the option is not given; a bad value from either source
+is a usage error that names the option and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, final
+
+import pytest
+
+from pytest_vram.meters import METERS
+
+__all__ = ["Settings", "add_options", "resolve"]
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise pytest.UsageError(f"--vram-tolerance={text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise pytest.UsageError(f"--vram-tolerance={text!r} must be a number >= 0 (0.05 is 5%)")
+    return value
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise pytest.UsageError(f"--vram-timeout={text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise pytest.UsageError(f"--vram-timeout={text!r} must be a number of seconds > 0")
+    return value
+
+
+def _device(text: str) -> str:
+    if text not in METERS:
+        raise pytest.UsageError(f"--vram-device={text!r}; choose one of: {', '.join(METERS)}")
+    return text
+
+
+def _flag(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise pytest.UsageError(f"expected true or false, got {text!r}")
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    flag: str
+    help: str
+    parse: Callable[[str], Any]
+    default: Any
+    is_flag: bool = False
+
+    @property
+    def ini(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.ini
+
+
+OPTIONS: Final = (
+    _Option("--gpu", "measure on the GPU (cuda meter); an error when no GPU is visible", _flag, False, True),
+    _Option("--vram-device", f"meter to use: {', '.join(METERS)} (default: cuda with --gpu, else host)", _device, None),
+    _Option("--vram-update", "record the measured cases as the new baselines and pass them", _flag, False, True),
+    _Option("--vram-strict", "also fail when a peak drops below its baseline beyond tolerance", _flag, False, True),
+    _Option("--vram-baselines", "baselines directory, relative to the rootdir (default: baselines)", str, "baselines"),
+    _Option("--vram-tolerance", "default allowed drift from the baseline, as a fraction (default 0.05)", _tolerance, 0.05),
+    _Option("--vram-timeout", "seconds a case may run before it is killed (default 600)", _timeout, 600.0),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vram", "GPU memory budgets and baselines (pytest-vram)")
+    for opt in OPTIONS:
+        if opt.is_flag:
+            group.addoption(opt.flag, action="store_true", dest=opt.dest, default=None, help=opt.help)
+        else:
+            group.addoption(opt.flag, action="store", dest=opt.dest, default=None, type=opt.parse, help=opt.help)
+        parser.addini(opt.ini, help=f"{opt.help} (ini twin of {opt.flag})", default=None)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    gpu: bool
+    device: str
+    update: bool
+    strict: bool
+    baselines_dir: Path
+    tolerance: float
+    timeout_s: float
+
+
+def _value(config: pytest.Config, opt: _Option) -> Any:
+    cli = config.getoption(opt.dest)
+    if cli is not None:
+        return cli
+    ini = config.getini(opt.ini)
+    if ini is None or ini == "":
+        return opt.default
+    try:
+        return opt.parse(ini)
+    except pytest.UsageError as exc:
+        raise pytest.UsageError(f"ini {opt.ini} = {ini!r}: {exc}") from None
+
+
+def resolve(config: pytest.Config) -> Settings:
+    values = {opt.dest: _value(config, opt) for opt in OPTIONS}
+    gpu = bool(values["gpu"])
+    device = values["vram_device"] or ("cuda" if gpu else "host")
+    if gpu and device != "cuda":
+        raise pytest.UsageError(f"--gpu measures with the cuda meter; it conflicts with --vram-device={device}")
+    base = Path(values["vram_baselines"])
+    return Settings(
+        gpu=gpu,
+        device=device,
+        update=bool(values["vram_update"]),
+        strict=bool(values["vram_strict"]),
+        baselines_dir=base if base.is_absolute() else Path(config.rootpath) / base,
+        tolerance=values["vram_tolerance"],
+        timeout_s=values["vram_timeout"],
+    )

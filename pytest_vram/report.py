@@ -1,0 +1,83 @@
+"""The terminal summary: a pure object whose ``lines()`` yields text (never raises into pytest)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any, final
+
+from pytest_vram.meters.base import gib
+
+__all__ = ["Summary"]
+
+
+def _gib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{gib(nbytes):.3f}"
+
+
+def _delta(row: dict[str, Any]) -> str:
+    base = row["baseline_bytes"]
+    if not base:
+        return "-"
+    return f"{row['peak_bytes'] / base - 1:+.1%}"
+
+
+@final
+@dataclasses.dataclass
+class Summary:
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    unused: list[str] = dataclasses.field(default_factory=list)  # "path: test / label"
+    update: bool = False
+    removed: int = 0
+
+    def counts(self) -> Counter[str]:
+        counts: Counter[str] = Counter(r["action"] for r in self.rows if r["action"])
+        counts["unused"] = len(self.unused)
+        return counts
+
+    def count_line(self) -> str:
+        c = self.counts()
+        unused = f"{c['unused']} unused" + (" (removed)" if self.update and c["unused"] else "")
+        return f"{c['created']} created, {c['updated']} updated, {c['unchanged']} unchanged, {unused}"
+
+    def lines(self) -> Iterator[str]:
+        if self.rows:
+            yield from _table(self.rows)
+        for row in self.rows:
+            for note in row["notes"]:
+                yield f"note: {row['test']}: {note}"
+        if self.update:
+            yield f"vram baselines: {self.count_line()}"
+        if self.unused:
+            hint = "removed by this update" if self.update else "remove with --vram-update"
+            yield f"{len(self.unused)} unused vram baseline entries ({hint}):"
+            yield from (f"  {u}" for u in self.unused)
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
+    header = ("test", "spec", "peak GiB", "budget", "baseline", "delta", "verdict")
+    body = [
+        (
+            r["test"],
+            r["label"],
+            _gib(r["peak_bytes"]),
+            _gib(r["budget_bytes"]),
+            _gib(r["baseline_bytes"]),
+            _delta(r),
+            ("FAIL " if r["failed"] else "") + (r["action"] or r["status"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    numeric = {2, 3, 4, 5}
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i in numeric else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    yield fmt(header)
+    for cells in body:
+        yield fmt(cells)

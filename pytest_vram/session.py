@@ -1,0 +1,256 @@
+"""The object that owns a pytest-vram run: hooks hand off to it; it holds all the state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import defaultdict
+from typing import Any, Final, final
+
+import pytest
+
+from pytest_vram.baselines import BaselineError, BaselineStore, Entries
+from pytest_vram.marker import MARKER, MarkerArgs, parse_marker
+from pytest_vram.meters.base import MemoryResult
+from pytest_vram.options import Settings
+from pytest_vram.report import Summary
+from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.verdict import Budget, CaseVerdict, judge
+from pytest_vram.worker import CaseFailure, Job, Worker
+
+__all__ = ["RESULTS", "Recorder", "VramSession"]
+
+MARKER_ARGS: Final = pytest.StashKey[MarkerArgs]()
+RESULTS: Final = pytest.StashKey[list[MemoryResult]]()
+_PROPERTY: Final = "vram"
+# Host baselines need no probe of the device; cuda fingerprints come back with the first result.
+_STATIC_FINGERPRINTS: Final = {"host": "host-cpu"}
+
+
+def check_gpu_visible() -> None:
+    """Ask a fresh interpreter, so this process never initialises CUDA before forking."""
+    code = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1:] or ["torch.cuda.is_available() is False"]
+        raise pytest.UsageError(
+            f"--gpu was given but no GPU is visible to torch ({detail[0]}); "
+            "run without --gpu to measure on the host meter"
+        )
+
+
+def split_nodeid(nodeid: str) -> tuple[str, str]:
+    module, _, test = nodeid.partition("::")
+    return module, test
+
+
+@final
+class Recorder:
+    """The ``vram`` fixture: runs cases in the isolated worker and keeps their results."""
+
+    def __init__(self, session: VramSession, item: pytest.Item) -> None:
+        self._session = session
+        self._item = item
+        self.results: list[MemoryResult] = item.stash.setdefault(RESULTS, [])
+
+    def step(self, **kwargs: Any) -> MemoryResult:
+        """One training step of ``StepSpec(**kwargs)``; marker spec arguments are the defaults."""
+        __tracebackhide__ = True
+        args = self._item.stash.get(MARKER_ARGS, None)
+        merged = {**(args.spec_defaults if args else {}), **kwargs}
+        try:
+            spec = StepSpec.from_kwargs(**merged)
+        except SpecError as exc:
+            pytest.fail(f"vram.step: {exc}", pytrace=False)
+        return self._run(Job(self._session.settings.device, spec=spec))
+
+    def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
+        """Run an importable function in the isolated child under the meter."""
+        __tracebackhide__ = True
+        job = Job(self._session.settings.device, fn=fn, args=args, kwargs=kwargs)
+        try:
+            job.check_picklable()
+        except SpecError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        return self._run(job)
+
+    def _run(self, job: Job) -> MemoryResult:
+        __tracebackhide__ = True
+        out = self._session.worker.run(job, self._session.settings.timeout_s)
+        if isinstance(out, CaseFailure):
+            prefix = "vram.step: " if out.kind == "spec" else ""
+            pytest.fail(prefix + out.long_repr(), pytrace=False)
+        self.results.append(out)
+        return out
+
+
+@final
+class VramSession:
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self._worker: Worker | None = None
+        self._stores: dict[str, BaselineStore] = {}
+        self.collected: dict[str, set[str]] = defaultdict(set)  # module -> test ids
+        self.ran: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(dict)  # (device, module)
+        self.pending: dict[tuple[str, str], Entries] = defaultdict(dict)
+        self.summary = Summary(update=settings.update)
+        self.errors: list[str] = []
+        self.devices: set[str] = set()
+        if settings.device in _STATIC_FINGERPRINTS:
+            self.devices.add(_STATIC_FINGERPRINTS[settings.device])
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            self._worker = Worker()
+        return self._worker
+
+    def store(self, device: str) -> BaselineStore:
+        if device not in self._stores:
+            self._stores[device] = BaselineStore(self.settings.baselines_dir, device)
+        return self._stores[device]
+
+    # -- collection -------------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: deselected tests are not "unused"
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        problems = []
+        for item in items:
+            module, test = split_nodeid(item.nodeid)
+            self.collected[module].add(test)
+            mark = item.get_closest_marker(MARKER)
+            if mark is None:
+                continue
+            try:
+                item.stash[MARKER_ARGS] = parse_marker(mark.args, mark.kwargs)
+            except SpecError as exc:
+                problems.append(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}")
+        if problems:
+            raise pytest.UsageError(*problems)
+
+    # -- verdict ----------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Any:
+        report: pytest.TestReport = yield
+        if call.when != "call":
+            return report
+        args = item.stash.get(MARKER_ARGS, None)
+        results = item.stash.get(RESULTS, [])
+        if args is None and not results:
+            return report
+        if not results:
+            if report.passed:
+                report.outcome = "failed"
+                report.longrepr = (
+                    f"marked {MARKER}(gb={args.gb:g}) but measured nothing: "  # type: ignore[union-attr]
+                    "call vram.step(...) or vram.measure(...) with the vram fixture"
+                )
+            return report
+        reasons = []
+        for verdict in self._judge(item, args, results, completed=call.excinfo is None):
+            report.sections.append((f"vram {verdict.result.label}", verdict.section()))
+            report.user_properties.append((_PROPERTY, verdict.row()))
+            reasons.extend(verdict.reasons)
+        if reasons and report.passed:
+            report.outcome = "failed"
+            report.longrepr = "\n".join(reasons)
+        return report
+
+    def _judge(
+        self, item: pytest.Item, args: MarkerArgs | None, results: list[MemoryResult], completed: bool
+    ) -> list[CaseVerdict]:
+        module, test = split_nodeid(item.nodeid)
+        tolerance = args.tolerance if args and args.tolerance is not None else self.settings.tolerance
+        budget = Budget.from_gib(args.gb if args else None, tolerance)
+        hint = f"pytest-vram refresh '{item.nodeid}'"
+        verdicts = []
+        seen: dict[str, int] = defaultdict(int)
+        for result in results:
+            seen[result.label] += 1
+            label = result.label if seen[result.label] == 1 else f"{result.label} #{seen[result.label]}"
+            self.devices.add(result.device)
+            try:
+                baseline = self.store(result.device).get(module, test, label)
+            except BaselineError as exc:
+                pytest.fail(str(exc), pytrace=False)  # becomes this test's error; file untouched
+            verdict = judge(
+                item.nodeid, result, budget, baseline,
+                strict=self.settings.strict, update=self.settings.update, record_hint=hint,
+            )
+            verdicts.append(verdict)
+            if self.settings.update:
+                self.pending[(result.device, module)].setdefault(test, {})[label] = result.to_dict()
+            if completed:
+                self.ran[(result.device, module)].setdefault(test, set()).add(label)
+        return verdicts
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Rows arrive here from xdist workers too (user_properties are serialised).
+        for name, value in report.user_properties:
+            if name == _PROPERTY:
+                self.summary.rows.append(value)
+
+    # -- baselines at the end ---------------------------------------------------------------
+
+    def _unused(self) -> dict[tuple[str, str], dict[str, set[str] | None]]:
+        unused: dict[tuple[str, str], dict[str, set[str] | None]] = defaultdict(dict)
+        for device in sorted(self.devices):
+            store = self.store(device)
+            for module, tests in self.collected.items():
+                try:
+                    entries = store.load(module)
+                except BaselineError as exc:
+                    self.errors.append(str(exc))
+                    continue
+                ran = self.ran.get((device, module), {})
+                for test, cases in entries.items():
+                    if test not in tests:
+                        unused[(device, module)][test] = None
+                    elif test in ran and set(cases) - ran[test]:
+                        unused[(device, module)][test] = set(cases) - ran[test]
+        return unused
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        unused = self._unused()
+        for (device, module), tests in sorted(unused.items()):
+            path = self.store(device).path_for(module)
+            for test, labels in sorted(tests.items()):
+                names = sorted(labels) if labels else sorted(self.store(device).load(module)[test])
+                self.summary.unused.extend(f"{path}: {test} / {label}" for label in names)
+        if self.settings.update:
+            for key in sorted(set(self.pending) | set(unused)):
+                device, module = key
+                try:
+                    self.store(device).write(module, self.pending.get(key, {}), unused.get(key, {}))
+                except BaselineError as exc:
+                    self.errors.append(str(exc))
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: the controller prints the summary
+            workeroutput["vram_unused"] = self.summary.unused
+            workeroutput["vram_errors"] = self.errors
+        if self.errors:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        output = getattr(node, "workeroutput", {})
+        for line in output.get("vram_unused", []):
+            if line not in self.summary.unused:
+                self.summary.unused.append(line)
+        self.errors.extend(e for e in output.get("vram_errors", []) if e not in self.errors)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        try:
+            lines = list(self.summary.lines())
+        except Exception as exc:  # the summary never breaks the run
+            lines = [f"pytest-vram could not render its summary: {exc!r}"]
+        if lines or self.errors:
+            terminalreporter.section("vram")
+            for line in lines:
+                terminalreporter.write_line(line)
+            for error in self.errors:
+                terminalreporter.write_line(f"ERROR: {error}", red=True)

@@ -1,0 +1,126 @@
+"""run_step: the single code path that every meter measures.
+
+Build the model, apply the method, take ``spec.steps`` training steps, and let the meter read
+each step's peak. Everything, the model included, is created inside the meter, so the peak is
+what the device would hold; each step's window starts from what is live when it begins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from collections.abc import Callable, Iterable, Mapping
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from pytest_vram import methods, zoo
+from pytest_vram.meters.base import Meter, MemoryResult, Roles, StepMeasure
+from pytest_vram.spec import StepSpec
+
+__all__ = ["library_versions", "measure_fn", "roles_of", "run_step"]
+
+_LIBRARIES = ("torch", "transformers", "peft", "pytest-vram")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp-bf16": torch.float32}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def _state_tensors(state: Mapping[Any, Any]) -> Iterable[torch.Tensor]:
+    for per_param in state.values():
+        values = per_param.values() if isinstance(per_param, Mapping) else [per_param]
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def roles_of(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> Roles:
+    params = list(model.parameters()) if model is not None else []
+    return Roles(
+        params=params,
+        buffers=list(model.buffers()) if model is not None else [],
+        grads=[p.grad for p in params if p.grad is not None],
+        optimizer=list(_state_tensors(optimizer.state)) if optimizer is not None else [],
+    )
+
+
+def _autocast(spec: StepSpec, device: str) -> contextlib.AbstractContextManager[Any]:
+    if spec.precision == "amp-bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _result(
+    label: str,
+    spec: StepSpec | None,
+    meter: Meter,
+    steps: list[StepMeasure],
+    model: torch.nn.Module | None,
+) -> MemoryResult:
+    worst = max(steps, key=lambda s: s.peak_bytes)
+    params = list(model.parameters()) if model is not None else []
+    reserved = [s.reserved_bytes for s in steps if s.reserved_bytes is not None]
+    return MemoryResult(
+        label=label,
+        meter=meter.name,
+        device=meter.fingerprint(),
+        peak_bytes=worst.peak_bytes,
+        step_peak_bytes=tuple(s.peak_bytes for s in steps),
+        breakdown=worst.breakdown,
+        spec=spec,
+        reserved_bytes=max(reserved) if reserved else None,
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_params=sum(p.numel() for p in params),
+        versions=library_versions(),
+    )
+
+
+def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
+    torch.manual_seed(spec.seed)
+    method = methods.METHODS[spec.method]
+    steps: list[StepMeasure] = []
+    with meter:
+        model = zoo.build_model(spec.model, _DTYPES[spec.precision], meter.device)
+        if spec.grad_ckpt:
+            # Frozen embeddings give inputs without grad; checkpointed blocks then need this hook.
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = method.prepare(model, spec)
+        model.train()
+        optimizer = methods.OPTIMIZERS[spec.optimizer].build(model, spec)
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(spec.seed)
+        for _ in range(spec.steps):
+            meter.step_begin()
+            ids = torch.randint(vocab, (spec.batch, spec.seq), generator=gen).to(meter.device)
+            with _autocast(spec, meter.device):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            steps.append(meter.step_end(roles_of(model, optimizer)))
+            optimizer.zero_grad(set_to_none=True)
+            del loss, ids
+        return _result(spec.label, spec, meter, steps, model)
+
+
+def measure_fn(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], meter: Meter) -> MemoryResult:
+    """Run a user's function as one window. Returning ``model`` or ``(model, optimizer)`` from it
+    gives the breakdown; otherwise every byte counts as activations and temporaries."""
+    with meter:
+        meter.step_begin()
+        out = fn(*args, **kwargs)
+        model, optimizer = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+        if not isinstance(model, torch.nn.Module):
+            model = None
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = None
+        steps = [meter.step_end(roles_of(model, optimizer))]
+        label = f"{fn.__module__}.{fn.__qualname__}"
+        return _result(label, None, meter, steps, model)

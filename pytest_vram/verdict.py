@@ -1,0 +1,151 @@
+"""Verdict of one measured case: budget, then baseline. Pure functions of plain values."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Final, Literal, final
+
+from pytest_vram.meters.base import GIB, MemoryResult, gib
+
+__all__ = ["Budget", "CaseVerdict", "judge", "versions_changed"]
+
+Status = Literal["ok", "over-budget", "drift-up", "drift-down", "no-baseline", "recorded"]
+BaselineAction = Literal["created", "updated", "unchanged"]
+_VERSION_KEYS: Final = ("python", "torch", "transformers", "peft", "pytest-vram")
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    bytes: int | None  # None: no ceiling, baseline only
+    tolerance: float
+
+    @classmethod
+    def from_gib(cls, gb: float | None, tolerance: float) -> Budget:
+        return cls(None if gb is None else int(gb * GIB), tolerance)
+
+
+def versions_changed(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    keys = sorted(set(old) | set(new), key=lambda k: (_VERSION_KEYS + (k,)).index(k))
+    return [
+        f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys if old.get(k) != new.get(k)
+    ]
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class CaseVerdict:
+    test: str
+    result: MemoryResult
+    budget: Budget
+    baseline: MemoryResult | None
+    statuses: tuple[Status, ...]
+    reasons: tuple[str, ...]  # one line each
+    notes: tuple[str, ...]  # reported, not failing
+    failed: bool
+    action: BaselineAction | None = None
+
+    @property
+    def delta(self) -> float | None:
+        if self.baseline is None or self.baseline.peak_bytes == 0:
+            return None
+        return self.result.peak_bytes / self.baseline.peak_bytes - 1
+
+    def section(self) -> str:
+        """Breakdown at the peak, for the test report."""
+        r = self.result
+        lines = [f"{r.label}  (meter {r.meter}, device {r.device})"]
+        width = max(len(name) for name, _ in r.breakdown.rows())
+        for name, nbytes in (*r.breakdown.rows(), ("peak", r.peak_bytes)):
+            lines.append(f"  {name:<{width}}  {gib(nbytes):10.4f} GiB  {nbytes:>16,d} B")
+        steps = ", ".join(f"{gib(b):.4f}" for b in r.step_peak_bytes)
+        lines.append(f"  per-step peaks (GiB): {steps}")
+        if r.reserved_bytes is not None:
+            lines.append(f"  reserved: {gib(r.reserved_bytes):.4f} GiB")
+        lines.append(f"  trainable params: {r.trainable_params:,d} of {r.total_params:,d}")
+        if self.budget.bytes is not None:
+            lines.append(f"  budget: {gib(self.budget.bytes):.4f} GiB")
+        if self.baseline is not None:
+            lines.append(f"  baseline: {gib(self.baseline.peak_bytes):.4f} GiB")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def row(self) -> dict[str, Any]:
+        """Plain data for the terminal table; travels from xdist workers in user_properties."""
+        return {
+            "test": self.test,
+            "label": self.result.label,
+            "peak_bytes": self.result.peak_bytes,
+            "budget_bytes": self.budget.bytes,
+            "baseline_bytes": self.baseline.peak_bytes if self.baseline else None,
+            "status": ",".join(self.statuses),
+            "failed": self.failed,
+            "action": self.action,
+            "notes": list(self.notes),
+        }
+
+
+def judge(
+    test: str,
+    result: MemoryResult,
+    budget: Budget,
+    baseline: MemoryResult | None,
+    *,
+    strict: bool,
+    update: bool,
+    record_hint: str,
+) -> CaseVerdict:
+    statuses: list[Status] = []
+    reasons: list[str] = []
+    notes: list[str] = []
+    tag = f"[{result.label}]"
+    peak = result.peak_bytes
+    if budget.bytes is not None and peak > budget.bytes:
+        statuses.append("over-budget")
+        over = peak / budget.bytes - 1
+        reasons.append(
+            f"peak {gib(peak):.3f} GiB exceeds budget {gib(budget.bytes):.3f} GiB ({over:+.1%}) {tag}"
+        )
+    action: BaselineAction | None = None
+    if update:
+        statuses.append("recorded")
+        if baseline is None:
+            action = "created"
+        else:
+            action = "unchanged" if baseline.to_dict() == result.to_dict() else "updated"
+    elif baseline is None:
+        statuses.append("no-baseline")
+        reasons.append(f"no baseline for {tag} on device {result.device}; record it with: {record_hint}")
+    elif baseline.peak_bytes != peak:
+        drift = peak / baseline.peak_bytes - 1 if baseline.peak_bytes else float("inf")
+        if abs(drift) > budget.tolerance:
+            changed = versions_changed(baseline.versions, result.versions)
+            why = "versions changed since the baseline: " + ", ".join(changed) if changed else (
+                "no library version changed since the baseline"
+            )
+            line = (
+                f"peak {gib(peak):.3f} GiB is {drift:+.1%} ({gib(peak - baseline.peak_bytes):+.3f} GiB) "
+                f"from baseline {gib(baseline.peak_bytes):.3f} GiB, beyond tolerance "
+                f"{budget.tolerance:.1%} {tag}; {why}"
+            )
+            if drift > 0:
+                statuses.append("drift-up")
+                reasons.append(line)
+            else:
+                statuses.append("drift-down")
+                line += f"; tighten the baseline with: {record_hint}"
+                (reasons if strict else notes).append(line)
+    if not statuses:
+        statuses.append("ok")
+    return CaseVerdict(
+        test=test,
+        result=result,
+        budget=budget,
+        baseline=baseline,
+        statuses=tuple(statuses),
+        reasons=tuple(reasons),
+        notes=tuple(notes),
+        failed=bool(reasons),
+        action=action,
+    )

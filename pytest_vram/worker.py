@@ -1,0 +1,215 @@
+"""Isolation: every case runs in a fresh child forked from a server that imported torch once.
+
+The server is multiprocessing's forkserver with torch, transformers and peft preloaded: it is
+started from the pytest process before anything touches CUDA, and each case is a new fork of it,
+so peaks start clean and a crash, an out-of-memory error or a hang ends one case, not the
+session. The child reports through a pipe with an explicit message; the parent turns silence
+into a ``CaseFailure`` from the exit code or signal and the tail of the child's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Final, Literal, final
+
+from pytest_vram.meters.base import MemoryResult
+from pytest_vram.spec import SpecError, StepSpec
+
+__all__ = ["CaseFailure", "Job", "Worker"]
+
+PRELOAD: Final = ("torch", "transformers", "peft", "pytest_vram.step", "pytest_vram.meters.host")
+_TAIL_LINES: Final = 20
+# After the child has sent its result it only has to exit; do not wait long for that.
+_EXIT_GRACE_S: Final = 30.0
+
+FailureKind = Literal["crash", "timeout", "oom", "error", "spec"]
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One case: a StepSpec, or an importable function with its arguments."""
+
+    meter: str
+    spec: StepSpec | None = None
+    fn: Callable[..., Any] | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.spec is not None:
+            return self.spec.label
+        assert self.fn is not None
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    def check_picklable(self) -> None:
+        """A local function or lambda cannot reach the child; say so before forking."""
+        try:
+            pickle.dumps((self.fn, self.args, self.kwargs))
+        except Exception as exc:
+            raise SpecError(
+                f"vram.measure needs an importable module-level function and picklable "
+                f"arguments; {self.label} cannot be sent to the worker: {exc}"
+            ) from None
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class CaseFailure:
+    """A case that produced no result: what happened, in one line, plus what is known."""
+
+    label: str
+    kind: FailureKind
+    reason: str
+    exitcode: int | None = None
+    output_tail: str = ""
+    traceback: str = ""
+
+    def long_repr(self) -> str:
+        parts = [f"{self.reason} [{self.label}]"]
+        if self.traceback:
+            parts.append(self.traceback.rstrip())
+        if self.output_tail:
+            parts.append("--- tail of the case's output ---\n" + self.output_tail.rstrip())
+        return "\n".join(parts)
+
+
+def _execute(job: Job) -> MemoryResult:
+    from pytest_vram.meters import make_meter
+    from pytest_vram.step import measure_fn, run_step
+
+    meter = make_meter(job.meter)
+    if job.spec is not None:
+        return run_step(job.spec, meter)
+    assert job.fn is not None
+    return measure_fn(job.fn, job.args, job.kwargs, meter)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+
+
+def _child(job: Job, conn: multiprocessing.connection.Connection, output_path: str) -> None:
+    # Own process group: a timeout kills whatever the case started too.
+    os.setpgid(0, 0)
+    fd = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        message: tuple[str, ...] = ("ok", _execute(job).to_json())
+    except BaseException as exc:  # noqa: B036 - every way out becomes a message
+        kind = "oom" if _is_oom(exc) else "spec" if isinstance(exc, SpecError) else "error"
+        message = (kind, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    conn.send(message)
+    conn.close()
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-_TAIL_LINES:])
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        sig = signal.Signals(-code)
+        hint = " (the OS out-of-memory killer sends this)" if sig == signal.SIGKILL else ""
+        return f"killed by {sig.name}{hint}"
+    return f"exited with code {code} before sending a result"
+
+
+@final
+class Worker:
+    """Runs jobs in forked children of a preloaded forkserver; one per pytest process."""
+
+    def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(list(preload))
+
+    def run(self, job: Job, timeout_s: float) -> MemoryResult | CaseFailure:
+        if job.fn is not None:
+            job.check_picklable()
+        fd, output_path = tempfile.mkstemp(prefix="pytest-vram-case-", suffix=".log")
+        os.close(fd)
+        try:
+            return self._run(job, timeout_s, output_path)
+        finally:
+            os.unlink(output_path)
+
+    def _run(self, job: Job, timeout_s: float, output_path: str) -> MemoryResult | CaseFailure:
+        recv, send = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_child, args=(job, send, output_path), daemon=True)
+        proc.start()
+        send.close()
+        deadline = time.monotonic() + timeout_s
+        message: tuple[str, ...] | None = None
+        try:
+            ready = multiprocessing.connection.wait([recv, proc.sentinel], timeout=timeout_s)
+            if recv in ready:
+                try:
+                    message = recv.recv()
+                except (EOFError, OSError):
+                    message = None  # died while sending, or exited without a word
+            grace = _EXIT_GRACE_S if message else max(0.0, deadline - time.monotonic())
+            proc.join(grace if ready else 0)
+            timed_out = not ready
+        finally:
+            recv.close()
+            if proc.is_alive():
+                _kill_group(proc.pid)
+                proc.join()
+        if message is not None:
+            return self._from_message(job, message, proc.exitcode, output_path)
+        if timed_out:
+            return CaseFailure(
+                job.label,
+                "timeout",
+                f"timed out after {timeout_s:g} s (--vram-timeout), killed",
+                proc.exitcode,
+                _tail(output_path),
+            )
+        return CaseFailure(
+            job.label, "crash", f"case {_describe_exit(proc.exitcode)}", proc.exitcode, _tail(output_path)
+        )
+
+    @staticmethod
+    def _from_message(
+        job: Job, message: tuple[str, ...], exitcode: int | None, output_path: str
+    ) -> MemoryResult | CaseFailure:
+        if message[0] == "ok":
+            return MemoryResult.from_json(message[1])
+        kind, what, tb = message
+        reason = f"out of memory: {what}" if kind == "oom" else what
+        return CaseFailure(job.label, kind, reason, exitcode, _tail(output_path), tb)  # type: ignore[arg-type]
+
+
+def _kill_group(pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,144 @@
+"""Named model shapes. Only config numbers live here: weights are random, nothing is downloaded.
+
+The real shapes (Qwen, DeepSeek distill, LLaMA) are copied from the models' published
+``config.json`` files; only the fields that change memory are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, final
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+__all__ = ["MODELS", "ModelShape", "build_config", "build_model"]
+
+
+@final
+@dataclass(frozen=True)
+class ModelShape:
+    model_type: str
+    config: Mapping[str, Any]
+    # Published parameter count, for checking the numbers above against the model card.
+    published_params: int | None = None
+    notes: str = ""
+
+
+_QWEN2_COMMON: Final = {"vocab_size": 151936, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
+
+MODELS: Final[Mapping[str, ModelShape]] = {
+    # A few million parameters: fast enough for every test, big enough that each kind of tensor
+    # (embedding, attention, MLP, head) shows in the breakdown.
+    "tiny-llama": ModelShape(
+        "llama",
+        {
+            "vocab_size": 2048,
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+        },
+        notes="test model, about 4M parameters",
+    ),
+    "qwen2-0.5b": ModelShape(
+        "qwen2",
+        {
+            **_QWEN2_COMMON,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+        },
+        published_params=494_032_768,
+    ),
+    "deepseek-r1-distill-qwen-1.5b": ModelShape(
+        "qwen2",
+        {
+            **_QWEN2_COMMON,
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 131072,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+        },
+        published_params=1_777_088_000,
+    ),
+    "llama-7b": ModelShape(
+        "llama",
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        },
+        published_params=6_738_415_616,
+    ),
+    "qwen2.5-7b": ModelShape(
+        "qwen2",
+        {
+            **_QWEN2_COMMON,
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+        },
+        published_params=7_615_616_512,
+    ),
+    "qwen2.5-32b": ModelShape(
+        "qwen2",
+        {
+            **_QWEN2_COMMON,
+            "vocab_size": 152064,
+            "hidden_size": 5120,
+            "intermediate_size": 27648,
+            "num_hidden_layers": 64,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+        },
+        published_params=32_763_876_352,
+    ),
+}
+
+
+def build_config(name: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    shape = MODELS[name]
+    return AutoConfig.for_model(shape.model_type, **shape.config)
+
+
+def build_model(name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Random-weight causal LM of the named shape, built directly in ``dtype`` on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(name)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model
