@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pytest_vram.meters.base import Breakdown, MemoryResult
 from pytest_vram.spec import SpecError, StepSpec
@@ -20,5 +20,3 @@ def measure(spec: StepSpec, meter: Meter | str = "host") -> MemoryResult:
     from pytest_vram.step import run_step
 
     return run_step(spec, make_meter(meter) if isinstance(meter, str) else meter)
-
-

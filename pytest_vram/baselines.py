@@ -67,7 +67,9 @@ class BaselineStore:
 
     def path_for(self, module: str) -> Path:
         """``module`` is the test file's path relative to the rootdir, e.g. ``suites/test_x.py``."""
-        parts = [safe_name(p) for p in Path(module).with_suffix("").parts if p not in ("", ".", "..")]
+        parts = [
+            safe_name(p) for p in Path(module).with_suffix("").parts if p not in ("", ".", "..")
+        ]
         return self.root.joinpath(self.device, *parts).with_suffix(".json")
 
     def load(self, module: str) -> Entries:
@@ -139,7 +141,11 @@ def _read(path: Path) -> Entries:
             f"baseline file {path} is not valid JSON ({exc}); fix or delete it: "
             "pytest-vram never overwrites a file it cannot read"
         ) from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("entries"), dict):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("schema") != SCHEMA
+        or not isinstance(doc.get("entries"), dict)
+    ):
         raise BaselineError(
             f"baseline file {path} is not a pytest-vram schema {SCHEMA} file; fix or delete it"
         )

@@ -74,13 +74,51 @@ class _Option:
 
 
 OPTIONS: Final = (
-    _Option("--gpu", "measure on the GPU (cuda meter); an error when no GPU is visible", _flag, False, True),
-    _Option("--vram-device", f"meter to use: {', '.join(METERS)} (default: cuda with --gpu, else host)", _device, None),
-    _Option("--vram-update", "record the measured cases as the new baselines and pass them", _flag, False, True),
-    _Option("--vram-strict", "also fail when a peak drops below its baseline beyond tolerance", _flag, False, True),
-    _Option("--vram-baselines", "baselines directory, relative to the rootdir (default: baselines)", str, "baselines"),
-    _Option("--vram-tolerance", "default allowed drift from the baseline, as a fraction (default 0.05)", _tolerance, 0.05),
-    _Option("--vram-timeout", "seconds a case may run before it is killed (default 600)", _timeout, 600.0),
+    _Option(
+        "--gpu",
+        "measure on the GPU (cuda meter); an error when no GPU is visible",
+        _flag,
+        False,
+        True,
+    ),
+    _Option(
+        "--vram-device",
+        f"meter to use: {', '.join(METERS)} (default: cuda with --gpu, else host)",
+        _device,
+        None,
+    ),
+    _Option(
+        "--vram-update",
+        "record the measured cases as the new baselines and pass them",
+        _flag,
+        False,
+        True,
+    ),
+    _Option(
+        "--vram-strict",
+        "also fail when a peak drops below its baseline beyond tolerance",
+        _flag,
+        False,
+        True,
+    ),
+    _Option(
+        "--vram-baselines",
+        "baselines directory, relative to the rootdir (default: baselines)",
+        str,
+        "baselines",
+    ),
+    _Option(
+        "--vram-tolerance",
+        "default allowed drift from the baseline, as a fraction (default 0.05)",
+        _tolerance,
+        0.05,
+    ),
+    _Option(
+        "--vram-timeout",
+        "seconds a case may run before it is killed (default 600)",
+        _timeout,
+        600.0,
+    ),
 )
 
 
@@ -88,9 +126,13 @@ def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("vram", "GPU memory budgets and baselines (pytest-vram)")
     for opt in OPTIONS:
         if opt.is_flag:
-            group.addoption(opt.flag, action="store_true", dest=opt.dest, default=None, help=opt.help)
+            group.addoption(
+                opt.flag, action="store_true", dest=opt.dest, default=None, help=opt.help
+            )
         else:
-            group.addoption(opt.flag, action="store", dest=opt.dest, default=None, type=opt.parse, help=opt.help)
+            group.addoption(
+                opt.flag, action="store", dest=opt.dest, default=None, type=opt.parse, help=opt.help
+            )
         parser.addini(opt.ini, help=f"{opt.help} (ini twin of {opt.flag})", default=None)
 
 
@@ -124,7 +166,9 @@ def resolve(config: pytest.Config) -> Settings:
     gpu = bool(values["gpu"])
     device = values["vram_device"] or ("cuda" if gpu else "host")
     if gpu and device != "cuda":
-        raise pytest.UsageError(f"--gpu measures with the cuda meter; it conflicts with --vram-device={device}")
+        raise pytest.UsageError(
+            f"--gpu measures with the cuda meter; it conflicts with --vram-device={device}"
+        )
     base = Path(values["vram_baselines"])
     return Settings(
         gpu=gpu,

@@ -39,7 +39,9 @@ class Summary:
     def count_line(self) -> str:
         c = self.counts()
         unused = f"{c['unused']} unused" + (" (removed)" if self.update and c["unused"] else "")
-        return f"{c['created']} created, {c['updated']} updated, {c['unchanged']} unchanged, {unused}"
+        return (
+            f"{c['created']} created, {c['updated']} updated, {c['unchanged']} unchanged, {unused}"
+        )
 
     def lines(self) -> Iterator[str]:
         if self.rows:
@@ -69,13 +71,13 @@ def _table(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
         )
         for r in rows
     ]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
     numeric = {2, 3, 4, 5}
 
     def fmt(cells: Sequence[str]) -> str:
         return "  ".join(
             str(c).rjust(w) if i in numeric else str(c).ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
     yield fmt(header)

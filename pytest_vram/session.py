@@ -132,9 +132,7 @@ class VramSession:
     # -- verdict ----------------------------------------------------------------------------
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Any:
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report: pytest.TestReport = yield
         if call.when != "call":
             return report
@@ -150,7 +148,7 @@ class VramSession:
                     "call vram.step(...) or vram.measure(...) with the vram fixture"
                 )
             return report
-        reasons = []
+        reasons: list[str] = []
         for verdict in self._judge(item, args, results, completed=call.excinfo is None):
             report.sections.append((f"vram {verdict.result.label}", verdict.section()))
             report.user_properties.append((_PROPERTY, verdict.row()))
@@ -161,25 +159,38 @@ class VramSession:
         return report
 
     def _judge(
-        self, item: pytest.Item, args: MarkerArgs | None, results: list[MemoryResult], completed: bool
+        self,
+        item: pytest.Item,
+        args: MarkerArgs | None,
+        results: list[MemoryResult],
+        completed: bool,
     ) -> list[CaseVerdict]:
         module, test = split_nodeid(item.nodeid)
-        tolerance = args.tolerance if args and args.tolerance is not None else self.settings.tolerance
+        tolerance = (
+            args.tolerance if args and args.tolerance is not None else self.settings.tolerance
+        )
         budget = Budget.from_gib(args.gb if args else None, tolerance)
         hint = f"pytest-vram refresh '{item.nodeid}'"
         verdicts = []
         seen: dict[str, int] = defaultdict(int)
         for result in results:
             seen[result.label] += 1
-            label = result.label if seen[result.label] == 1 else f"{result.label} #{seen[result.label]}"
+            label = (
+                result.label if seen[result.label] == 1 else f"{result.label} #{seen[result.label]}"
+            )
             self.devices.add(result.device)
             try:
                 baseline = self.store(result.device).get(module, test, label)
             except BaselineError as exc:
                 pytest.fail(str(exc), pytrace=False)  # becomes this test's error; file untouched
             verdict = judge(
-                item.nodeid, result, budget, baseline,
-                strict=self.settings.strict, update=self.settings.update, record_hint=hint,
+                item.nodeid,
+                result,
+                budget,
+                baseline,
+                strict=self.settings.strict,
+                update=self.settings.update,
+                record_hint=hint,
             )
             verdicts.append(verdict)
             if self.settings.update:
@@ -191,7 +202,7 @@ class VramSession:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Rows arrive here from xdist workers too (user_properties are serialised).
         for name, value in report.user_properties:
-            if name == _PROPERTY:
+            if name == _PROPERTY and isinstance(value, dict):
                 self.summary.rows.append(value)
 
     # -- baselines at the end ---------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from typing import Any, Final, Union, final
+from typing import Any, Final, final
 
 __all__ = ["PRECISIONS", "SpecError", "StepSpec", "check_field"]
 
 PRECISIONS: Final = ("fp32", "bf16", "amp-bf16")
 
-OptionValue = Union[int, float, str, bool, tuple[str, ...]]
+OptionValue = int | float | str | bool | tuple[str, ...]
 Options = tuple[tuple[str, OptionValue], ...]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pytest_vram import methods, zoo
-from pytest_vram.meters.base import Meter, MemoryResult, Roles, StepMeasure
+from pytest_vram.meters.base import MemoryResult, Meter, Roles, StepMeasure
 from pytest_vram.spec import StepSpec
 
 __all__ = ["library_versions", "measure_fn", "roles_of", "run_step"]
@@ -82,6 +82,14 @@ def _result(
     )
 
 
+def _checkpointing_enable(model: Any) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
     torch.manual_seed(spec.seed)
     method = methods.METHODS[spec.method]
@@ -90,11 +98,12 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         model = zoo.build_model(spec.model, _DTYPES[spec.precision], meter.device)
         if spec.grad_ckpt:
             # Frozen embeddings give inputs without grad; checkpointed blocks then need this hook.
-            model.enable_input_require_grads()
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = method.prepare(model, spec)
+            model.enable_input_require_grads()  # type: ignore[no-untyped-call]
+            _checkpointing_enable(model)
+        model = method.prepare(model, spec)  # type: ignore[assignment]
         model.train()
         optimizer = methods.OPTIMIZERS[spec.optimizer].build(model, spec)
+        model.config.use_cache = False  # training: no KV cache
         vocab = model.config.vocab_size
         gen = torch.Generator().manual_seed(spec.seed)
         for _ in range(spec.steps):
@@ -110,7 +119,9 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         return _result(spec.label, spec, meter, steps, model)
 
 
-def measure_fn(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], meter: Meter) -> MemoryResult:
+def measure_fn(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], meter: Meter
+) -> MemoryResult:
     """Run a user's function as one window. Returning ``model`` or ``(model, optimizer)`` from it
     gives the breakdown; otherwise every byte counts as activations and temporaries."""
     with meter:

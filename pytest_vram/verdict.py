@@ -28,9 +28,7 @@ class Budget:
 
 def versions_changed(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
     keys = sorted(set(old) | set(new), key=lambda k: (_VERSION_KEYS + (k,)).index(k))
-    return [
-        f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys if old.get(k) != new.get(k)
-    ]
+    return [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys if old.get(k) != new.get(k)]
 
 
 @final
@@ -116,13 +114,17 @@ def judge(
             action = "unchanged" if baseline.to_dict() == result.to_dict() else "updated"
     elif baseline is None:
         statuses.append("no-baseline")
-        reasons.append(f"no baseline for {tag} on device {result.device}; record it with: {record_hint}")
+        reasons.append(
+            f"no baseline for {tag} on device {result.device}; record it with: {record_hint}"
+        )
     elif baseline.peak_bytes != peak:
         drift = peak / baseline.peak_bytes - 1 if baseline.peak_bytes else float("inf")
         if abs(drift) > budget.tolerance:
             changed = versions_changed(baseline.versions, result.versions)
-            why = "versions changed since the baseline: " + ", ".join(changed) if changed else (
-                "no library version changed since the baseline"
+            why = (
+                "versions changed since the baseline: " + ", ".join(changed)
+                if changed
+                else ("no library version changed since the baseline")
             )
             line = (
                 f"peak {gib(peak):.3f} GiB is {drift:+.1%} ({gib(peak - baseline.peak_bytes):+.3f} GiB) "

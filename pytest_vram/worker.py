@@ -189,7 +189,11 @@ class Worker:
                 _tail(output_path),
             )
         return CaseFailure(
-            job.label, "crash", f"case {_describe_exit(proc.exitcode)}", proc.exitcode, _tail(output_path)
+            job.label,
+            "crash",
+            f"case {_describe_exit(proc.exitcode)}",
+            proc.exitcode,
+            _tail(output_path),
         )
 
     @staticmethod

@@ -133,12 +133,16 @@ def build_config(name: str) -> PretrainedConfig:
     return AutoConfig.for_model(shape.model_type, **shape.config)
 
 
-def build_model(name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> PreTrainedModel:
+def build_model(
+    name: str, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
     """Random-weight causal LM of the named shape, built directly in ``dtype`` on ``device``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = build_config(name)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=dtype, attn_implementation="sdpa"
+        )
     return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from pytest_vram.spec import StepSpec
@@ -62,10 +62,10 @@ class StepMeasure:
 class Roles:
     """The tensors that hold model state at the end of a step, for the breakdown."""
 
-    params: list[torch.Tensor]
-    buffers: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    optimizer: list[torch.Tensor]
+    params: Sequence[torch.Tensor]
+    buffers: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    optimizer: Sequence[torch.Tensor]
 
 
 class Meter(Protocol):

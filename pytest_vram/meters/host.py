@@ -162,7 +162,7 @@ class HostMeter:
             ledger.resized(st)
             return out
 
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign, assignment]
         self._mode.__enter__()
         return self
 

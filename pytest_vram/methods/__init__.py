@@ -21,8 +21,13 @@ __all__ = ["METHODS", "OPTIMIZERS", "Method", "Optimizer"]
 
 
 class Method(Protocol):
-    name: str
-    options: Mapping[str, OptionValue]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def options(self) -> Mapping[str, OptionValue]:
+        """Declared option defaults; they also validate ``StepSpec.method_options``."""
+        ...
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         """Set what trains (and wrap the model if the method does); return the model to step."""
@@ -30,8 +35,11 @@ class Method(Protocol):
 
 
 class Optimizer(Protocol):
-    name: str
-    options: Mapping[str, OptionValue]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def options(self) -> Mapping[str, OptionValue]: ...
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> torch.optim.Optimizer: ...
 

@@ -20,7 +20,7 @@ class Freeze:
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         k = spec.method_option("trainable_layers")
-        layers = model.get_decoder().layers  # type: ignore[operator, union-attr]
+        layers = model.get_decoder().layers  # type: ignore[operator]
         if not 1 <= k <= len(layers):
             raise SpecError(
                 f"method_options: trainable_layers={k} must be between 1 and the "

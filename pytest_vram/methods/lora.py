@@ -34,4 +34,4 @@ class Lora:
             target_modules=list(targets) if isinstance(targets, tuple) else targets,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)  # type: ignore[arg-type]
+        return get_peft_model(model, config)

@@ -45,5 +45,7 @@ class SGD:
         import torch
 
         return torch.optim.SGD(
-            trainable(model), lr=spec.optimizer_option("lr"), momentum=spec.optimizer_option("momentum")
+            trainable(model),
+            lr=spec.optimizer_option("lr"),
+            momentum=spec.optimizer_option("momentum"),
         )
