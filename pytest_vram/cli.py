@@ -35,19 +35,21 @@ def refresh(pytest_args: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["refresh"]:
+        # Everything after the command goes to pytest untouched, options included.
+        return refresh(args[1:])
     parser = argparse.ArgumentParser(
         prog="pytest-vram", description="GPU memory budgets and baselines for fine-tuning steps"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ref = sub.add_parser(
+    sub.add_parser(
         "refresh",
-        help="run tests with --vram-update and print created/updated/unchanged/unused counts",
+        help="run pytest with --vram-update and the given arguments; print "
+        "created/updated/unchanged/unused counts",
     )
-    ref.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest as is")
-    args = parser.parse_args(argv)
-    if args.command == "refresh":
-        return refresh(args.pytest_args)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse catches it
+    parser.parse_args(args)  # only reached for help and usage errors
+    return 2
 
 
 if __name__ == "__main__":

@@ -229,6 +229,8 @@ class VramSession:
         unused = self._unused()
         for (device, module), tests in sorted(unused.items()):
             path = self.store(device).path_for(module)
+            if path.is_relative_to(self.config.rootpath):
+                path = path.relative_to(self.config.rootpath)
             for test, labels in sorted(tests.items()):
                 names = sorted(labels) if labels else sorted(self.store(device).load(module)[test])
                 self.summary.unused.extend(f"{path}: {test} / {label}" for label in names)
