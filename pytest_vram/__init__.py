@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pytest_vram.meters.base import Breakdown, MemoryResult
 from pytest_vram.spec import SpecError, StepSpec
 
-__all__ = ["Breakdown", "MemoryResult", "SpecError", "StepSpec", "__version__", "measure"]
+__all__ = [
+    "Breakdown",
+    "MemoryResult",
+    "SpecError",
+    "StepSpec",
+    "__version__",
+    "mark_step",
+    "measure",
+]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -20,3 +28,13 @@ def measure(spec: StepSpec, meter: Meter | str = "host") -> MemoryResult:
     from pytest_vram.step import run_step
 
     return run_step(spec, make_meter(meter) if isinstance(meter, str) else meter)
+
+
+def mark_step(model: Any = None, optimizer: Any = None) -> None:
+    """In a function run by ``vram.measure``: end a training step here (after
+    ``optimizer.step()``, before ``zero_grad()``) so its breakdown sees the gradients."""
+    import sys
+
+    step = sys.modules.get("pytest_vram.step")
+    if step is not None:  # not imported: no measurement is running in this process
+        step.mark_step(model, optimizer)

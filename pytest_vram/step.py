@@ -8,6 +8,7 @@ what the device would hold; each step's window starts from what is live when it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
@@ -19,7 +20,7 @@ from pytest_vram import methods, zoo
 from pytest_vram.meters.base import MemoryResult, Meter, Roles, StepMeasure
 from pytest_vram.spec import StepSpec
 
-__all__ = ["library_versions", "measure_fn", "roles_of", "run_step"]
+__all__ = ["library_versions", "mark_step", "measure_fn", "roles_of", "run_step"]
 
 _LIBRARIES = ("torch", "transformers", "peft", "pytest-vram")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp-bf16": torch.float32}
@@ -119,19 +120,55 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         return _result(spec.label, spec, meter, steps, model)
 
 
+@dataclasses.dataclass
+class _Windows:
+    meter: Meter
+    steps: list[StepMeasure] = dataclasses.field(default_factory=list)
+
+
+_OPEN: list[_Windows] = []
+
+
+def mark_step(
+    model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """End a step inside a function run by ``vram.measure``, as run_step does for its steps.
+
+    Call it after ``optimizer.step()`` and before ``zero_grad()``: the breakdown of that step's
+    peak is then read while its gradients and optimizer state are still held. Outside
+    ``vram.measure`` it does nothing, so training code can keep the call.
+    """
+    if _OPEN:
+        windows = _OPEN[-1]
+        windows.steps.append(windows.meter.step_end(roles_of(model, optimizer)))
+        windows.meter.step_begin()
+
+
 def measure_fn(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], meter: Meter
 ) -> MemoryResult:
-    """Run a user's function as one window. Returning ``model`` or ``(model, optimizer)`` from it
-    gives the breakdown; otherwise every byte counts as activations and temporaries."""
+    """Run a user's function under the meter.
+
+    Without ``mark_step`` calls the whole function is one step, whose breakdown comes from
+    what ``fn`` returns (``model`` or ``(model, optimizer)``), read when it returns: tensors
+    freed before then (gradients after ``zero_grad``) count as activations and temporaries.
+    """
+    windows = _Windows(meter)
     with meter:
-        meter.step_begin()
-        out = fn(*args, **kwargs)
+        _OPEN.append(windows)
+        try:
+            meter.step_begin()
+            out = fn(*args, **kwargs)
+        finally:
+            _OPEN.pop()
         model, optimizer = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
         if not isinstance(model, torch.nn.Module):
             model = None
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = None
-        steps = [meter.step_end(roles_of(model, optimizer))]
+        tail = meter.step_end(roles_of(model, optimizer))
+        # After the last mark_step the tail only matters if it holds the peak.
+        if not windows.steps or tail.peak_bytes > max(s.peak_bytes for s in windows.steps):
+            windows.steps.append(tail)
         label = f"{fn.__module__}.{fn.__qualname__}"
-        return _result(label, None, meter, steps, model)
+        return _result(label, None, meter, windows.steps, model)
