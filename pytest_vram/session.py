@@ -61,8 +61,10 @@ class Recorder:
         try:
             spec = StepSpec.from_kwargs(**merged)
         except SpecError as exc:
-            pytest.fail(f"vram.step: {exc}", pytrace=False)
-        return self._run(Job(self._session.settings.device, spec=spec))
+            error = f"vram.step: {exc}"
+        else:
+            return self._run(Job(self._session.settings.device, spec=spec))
+        pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
     def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
         """Run an importable function in the isolated child under the meter."""
@@ -71,8 +73,10 @@ class Recorder:
         try:
             job.check_picklable()
         except SpecError as exc:
-            pytest.fail(str(exc), pytrace=False)
-        return self._run(job)
+            error = str(exc)
+        else:
+            return self._run(job)
+        pytest.fail(error, pytrace=False)
 
     def _run(self, job: Job) -> MemoryResult:
         __tracebackhide__ = True
@@ -92,6 +96,7 @@ class VramSession:
         self._worker: Worker | None = None
         self._stores: dict[str, BaselineStore] = {}
         self.collected: dict[str, set[str]] = defaultdict(set)  # module -> test ids
+        self.modules: dict[str, pytest.Module] = {}
         self.ran: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(dict)  # (device, module)
         self.pending: dict[tuple[str, str], Entries] = defaultdict(dict)
         self.summary = Summary(update=settings.update)
@@ -119,6 +124,9 @@ class VramSession:
         for item in items:
             module, test = split_nodeid(item.nodeid)
             self.collected[module].add(test)
+            parent = item.getparent(pytest.Module)
+            if parent is not None:
+                self.modules.setdefault(module, parent)
             mark = item.get_closest_marker(MARKER)
             if mark is None:
                 continue
@@ -149,7 +157,13 @@ class VramSession:
                 )
             return report
         reasons: list[str] = []
-        for verdict in self._judge(item, args, results, completed=call.excinfo is None):
+        try:
+            verdicts = self._judge(item, args, results, completed=call.excinfo is None)
+        except BaselineError as exc:  # fails this test only; the file is left as it is
+            report.outcome = "failed"
+            report.longrepr = str(exc)
+            return report
+        for verdict in verdicts:
             report.sections.append((f"vram {verdict.result.label}", verdict.section()))
             report.user_properties.append((_PROPERTY, verdict.row()))
             reasons.extend(verdict.reasons)
@@ -179,10 +193,7 @@ class VramSession:
                 result.label if seen[result.label] == 1 else f"{result.label} #{seen[result.label]}"
             )
             self.devices.add(result.device)
-            try:
-                baseline = self.store(result.device).get(module, test, label)
-            except BaselineError as exc:
-                pytest.fail(str(exc), pytrace=False)  # becomes this test's error; file untouched
+            baseline = self.store(result.device).get(module, test, label)
             verdict = judge(
                 item.nodeid,
                 result,
@@ -218,12 +229,33 @@ class VramSession:
                     self.errors.append(str(exc))
                     continue
                 ran = self.ran.get((device, module), {})
+                existing: set[str] | None = None
                 for test, cases in entries.items():
                     if test not in tests:
-                        unused[(device, module)][test] = None
+                        # Not collected: gone, or outside this run's selection (a node id,
+                        # --lf). Only the module's full list of tests can tell which.
+                        if existing is None:
+                            existing = self._all_tests(module)
+                        if test not in existing:
+                            unused[(device, module)][test] = None
                     elif test in ran and set(cases) - ran[test]:
                         unused[(device, module)][test] = set(cases) - ran[test]
         return unused
+
+    def _all_tests(self, module: str) -> set[str]:
+        """Every test the module defines, whatever this run selected: collect it afresh."""
+        node = self.modules.get(module)
+        if node is None:
+            return set(self.collected[module])
+        tests: set[str] = set()
+        stack: list[pytest.Collector] = [node]
+        while stack:
+            for child in stack.pop().collect():
+                if isinstance(child, pytest.Item):
+                    tests.add(split_nodeid(child.nodeid)[1])
+                elif isinstance(child, pytest.Collector):
+                    stack.append(child)
+        return tests
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         unused = self._unused()
