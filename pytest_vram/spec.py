@@ -12,9 +12,10 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final, final
 
-__all__ = ["PRECISIONS", "SpecError", "StepSpec", "check_field"]
+__all__ = ["PRECISIONS", "STAGES", "SpecError", "StepSpec", "check_field"]
 
 PRECISIONS: Final = ("fp32", "bf16", "amp-bf16")
+STAGES: Final = ("sft", "dpo")
 
 OptionValue = int | float | str | bool | tuple[str, ...]
 Options = tuple[tuple[str, OptionValue], ...]
@@ -84,6 +85,9 @@ def check_field(name: str, value: object) -> object:
     elif name == "precision":
         if value not in PRECISIONS:
             raise _known("precision", value, PRECISIONS)
+    elif name == "stage":
+        if value not in STAGES:
+            raise _known("stage", value, STAGES)
     elif name in ("batch", "seq", "steps"):
         return _positive_int(name, value)
     elif name == "seed":
@@ -100,7 +104,7 @@ def check_field(name: str, value: object) -> object:
 @final
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """One training step to measure. Later issues add zero/offload/ranks/stage fields."""
+    """One training step to measure. Later issues add zero/offload/ranks fields."""
 
     model: str
     method: str = "full"
@@ -112,6 +116,7 @@ class StepSpec:
     # Optimizer state appears during step 1; step 2 is what steady training costs.
     steps: int = 2
     seed: int = 0
+    stage: str = "sft"
     method_options: Options = ()
     optimizer_options: Options = ()
 
@@ -129,6 +134,10 @@ class StepSpec:
         )
         object.__setattr__(self, "method_options", mopts)
         object.__setattr__(self, "optimizer_options", oopts)
+        for part in (method, optimizer):
+            reason = part.incompatible(self)
+            if reason:
+                raise SpecError(f"{self.method} with {self.optimizer}: {reason}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> StepSpec:
@@ -159,6 +168,7 @@ class StepSpec:
             return f"{name}({inner})" if opts else name
 
         parts = [
+            *([self.stage] if self.stage != "sft" else []),
             self.model,
             fmt(self.method, self.method_options),
             fmt(self.optimizer, self.optimizer_options),

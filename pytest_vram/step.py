@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import platform
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any
 
 import torch
 
-from pytest_vram import methods, zoo
+from pytest_vram import methods, stages
 from pytest_vram.meters.base import MemoryResult, Meter, Roles, StepMeasure
 from pytest_vram.spec import StepSpec
 
@@ -34,21 +34,32 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _state_tensors(state: Mapping[Any, Any]) -> Iterable[torch.Tensor]:
-    for per_param in state.values():
-        values = per_param.values() if isinstance(per_param, Mapping) else [per_param]
-        for value in values:
-            if isinstance(value, torch.Tensor):
-                yield value
-
-
-def roles_of(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> Roles:
+def roles_of(
+    model: torch.nn.Module | None,
+    optimizer: Any = None,
+    method: methods.Method | None = None,
+    optimizer_impl: methods.Optimizer | None = None,
+    frozen: Sequence[torch.nn.Module] = (),
+) -> Roles:
+    """Tensors by role; ``frozen`` models (a DPO reference) add parameters and buffers only."""
     params = list(model.parameters()) if model is not None else []
+    buffers = list(model.buffers()) if model is not None else []
+    for extra in frozen:
+        params.extend(extra.parameters())
+        buffers.extend(extra.buffers())
+    if method is not None and model is not None:
+        buffers.extend(method.state_tensors(model))
+    if optimizer is None:
+        state: list[torch.Tensor] = []
+    elif optimizer_impl is not None:
+        state = list(optimizer_impl.state_tensors(optimizer))
+    else:
+        state = list(methods.state_tensors(getattr(optimizer, "state", {})))
     return Roles(
         params=params,
-        buffers=list(model.buffers()) if model is not None else [],
+        buffers=buffers,
         grads=[p.grad for p in params if p.grad is not None],
-        optimizer=list(_state_tensors(optimizer.state)) if optimizer is not None else [],
+        optimizer=state,
     )
 
 
@@ -92,31 +103,36 @@ def _checkpointing_enable(model: Any) -> None:
 
 
 def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
-    torch.manual_seed(spec.seed)
     method = methods.METHODS[spec.method]
+    opt = methods.OPTIMIZERS[spec.optimizer]
+    for part in (method, opt):
+        reason = part.unsupported(spec, meter.device)
+        if reason:
+            raise methods.Unsupported(reason)
+    torch.manual_seed(spec.seed)
     steps: list[StepMeasure] = []
     with meter:
-        model = zoo.build_model(spec.model, _DTYPES[spec.precision], meter.device)
+        model = method.build_model(spec, _DTYPES[spec.precision], meter.device)
+        model.config.use_cache = False  # training: no KV cache
         if spec.grad_ckpt:
             # Frozen embeddings give inputs without grad; checkpointed blocks then need this hook.
-            model.enable_input_require_grads()  # type: ignore[no-untyped-call]
+            model.enable_input_require_grads()  # type: ignore[operator]
             _checkpointing_enable(model)
-        model = method.prepare(model, spec)  # type: ignore[assignment]
+        model = method.prepare(model, spec)
         model.train()
-        optimizer = methods.OPTIMIZERS[spec.optimizer].build(model, spec)
-        model.config.use_cache = False  # training: no KV cache
-        vocab = model.config.vocab_size
-        gen = torch.Generator().manual_seed(spec.seed)
+        optimizer = method.build_optimizer(model, spec, opt)
+        stage = stages.STAGES[spec.stage](model, spec, meter.device)
         for _ in range(spec.steps):
             meter.step_begin()
-            ids = torch.randint(vocab, (spec.batch, spec.seq), generator=gen).to(meter.device)
             with _autocast(spec, meter.device):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            steps.append(meter.step_end(roles_of(model, optimizer)))
-            optimizer.zero_grad(set_to_none=True)
-            del loss, ids
+                loss = stage.loss()
+            opt.backward_step(optimizer, loss, spec)
+            # Roles are not kept: holding them would keep this step's gradients alive.
+            roles = roles_of(model, optimizer, method, opt, stage.frozen_models())
+            steps.append(meter.step_end(roles))
+            del roles
+            opt.zero_grad(optimizer)
+            del loss
         return _result(spec.label, spec, meter, steps, model)
 
 

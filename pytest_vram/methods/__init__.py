@@ -1,14 +1,17 @@
 """Training methods and optimizers, each registered by name.
 
-A new method is one small module that defines a class with ``name``, ``options`` (declared
-defaults, which also validate ``StepSpec.method_options``) and ``prepare``; importing this package
-must stay torch-free, so the modules import torch and peft inside their functions.
+A new method or optimizer is one small class in a module of this package, listed in that
+module's ``REGISTER``. Its ``options`` are declared defaults that also validate
+``StepSpec.method_options`` / ``optimizer_options``. The protocols below carry the default
+behaviour, so a class overrides only what its library does differently. Importing this package
+must stay torch-free: modules import torch, peft and friends inside their functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pytest_vram.spec import OptionValue
 
@@ -17,39 +20,103 @@ if TYPE_CHECKING:
 
     from pytest_vram.spec import StepSpec
 
-__all__ = ["METHODS", "OPTIMIZERS", "Method", "Optimizer"]
+__all__ = ["METHODS", "OPTIMIZERS", "Method", "Optimizer", "Unsupported", "state_tensors"]
+
+# Modules whose REGISTER lists are collected, in this order.
+_MODULES: Final = ("full", "freeze", "lora", "peft_methods", "quant", "optim", "optim_extra")
+
+
+class Unsupported(Exception):
+    """This combination cannot run here; the message names the library call that prevents it."""
+
+
+def state_tensors(obj: Any, _depth: int = 0) -> Iterable[torch.Tensor]:
+    """Tensors held in optimizer state: directly, in containers, or on helper objects (GaLore's
+    projector keeps its matrix as an attribute)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif _depth > 3:
+        return
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from state_tensors(value, _depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from state_tensors(value, _depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for value in vars(obj).values():
+            yield from state_tensors(value, _depth + 1)
 
 
 class Method(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def options(self) -> Mapping[str, OptionValue]:
-        """Declared option defaults; they also validate ``StepSpec.method_options``."""
-        ...
+    name: str
+    options: Mapping[str, OptionValue]
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         """Set what trains (and wrap the model if the method does); return the model to step."""
         ...
 
+    def build_model(self, spec: StepSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
+        """The base model; quantized methods load theirs differently."""
+        from pytest_vram import zoo
+
+        return zoo.build_model(spec.model, dtype, device)
+
+    def state_tensors(self, model: torch.nn.Module) -> Iterable[torch.Tensor]:
+        """Model state that is neither a parameter nor a buffer (quantization constants)."""
+        return ()
+
+    def build_optimizer(
+        self, model: torch.nn.Module, spec: StepSpec, optimizer: Optimizer
+    ) -> Any:
+        """The optimizer over what trains; LoRA+ builds its own param groups through peft."""
+        return optimizer.build(model, spec)
+
+    def incompatible(self, spec: StepSpec) -> str | None:
+        """Why this method cannot run with the rest of ``spec`` (checked when the spec is made)."""
+        return None
+
+    def unsupported(self, spec: StepSpec, device: str) -> str | None:
+        """Why it cannot run on this device (checked in the child; the case is skipped)."""
+        return None
+
 
 class Optimizer(Protocol):
-    @property
-    def name(self) -> str: ...
+    name: str
+    options: Mapping[str, OptionValue]
 
-    @property
-    def options(self) -> Mapping[str, OptionValue]: ...
+    def build(self, model: torch.nn.Module, spec: StepSpec) -> Any: ...
 
-    def build(self, model: torch.nn.Module, spec: StepSpec) -> torch.optim.Optimizer: ...
+    def backward_step(self, optimizer: Any, loss: torch.Tensor, spec: StepSpec) -> None:
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+
+    def zero_grad(self, optimizer: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_tensors(self, optimizer: Any) -> Iterable[torch.Tensor]:
+        return state_tensors(getattr(optimizer, "state", {}))
+
+    def incompatible(self, spec: StepSpec) -> str | None:
+        return None
+
+    def unsupported(self, spec: StepSpec, device: str) -> str | None:
+        return None
 
 
 def _registry() -> tuple[dict[str, Method], dict[str, Optimizer]]:
-    from pytest_vram.methods import freeze, full, lora, optim
-
-    methods: list[Method] = [full.Full(), freeze.Freeze(), lora.Lora()]
-    optimizers: list[Optimizer] = [optim.AdamW(), optim.SGD()]
-    return {m.name: m for m in methods}, {o.name: o for o in optimizers}
+    methods: dict[str, Method] = {}
+    optimizers: dict[str, Optimizer] = {}
+    for name in _MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        for entry in module.REGISTER:
+            table: dict[str, Any] = methods if Method in type(entry).__mro__ else optimizers
+            if entry.name in table:
+                raise RuntimeError(f"{entry.name!r} is registered twice")
+            table[entry.name] = entry
+    return methods, optimizers
 
 
 METHODS, OPTIMIZERS = _registry()

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, final
 
+from pytest_vram.methods import Method
 from pytest_vram.spec import OptionValue, SpecError
 
 if TYPE_CHECKING:
@@ -12,11 +13,11 @@ if TYPE_CHECKING:
 
 
 @final
-class Freeze:
+class Freeze(Method):
     """Only the last ``trainable_layers`` decoder layers train (LLaMA-Factory's ``freeze``)."""
 
-    name: Final = "freeze"
-    options: Final[Mapping[str, OptionValue]] = {"trainable_layers": 2}
+    name = "freeze"
+    options: Mapping[str, OptionValue] = {"trainable_layers": 2}
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         k = spec.method_option("trainable_layers")
@@ -30,3 +31,6 @@ class Freeze:
         for layer in layers[len(layers) - k :]:
             layer.requires_grad_(True)
         return model
+
+
+REGISTER = [Freeze()]

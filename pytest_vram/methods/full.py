@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, final
 
+from pytest_vram.methods import Method
 from pytest_vram.spec import OptionValue
 
 if TYPE_CHECKING:
@@ -12,12 +13,15 @@ if TYPE_CHECKING:
 
 
 @final
-class Full:
+class Full(Method):
     """Every parameter trains."""
 
-    name: Final = "full"
-    options: Final[Mapping[str, OptionValue]] = {}
+    name = "full"
+    options: Mapping[str, OptionValue] = {}
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         model.requires_grad_(True)
         return model
+
+
+REGISTER = [Full()]

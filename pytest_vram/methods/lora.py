@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, final
 
+from pytest_vram.methods import Method
 from pytest_vram.spec import OptionValue
 
 if TYPE_CHECKING:
@@ -12,11 +13,11 @@ if TYPE_CHECKING:
 
 
 @final
-class Lora:
+class Lora(Method):
     """peft LoRA adapters; the base model is frozen (peft keeps adapters in fp32 by default)."""
 
-    name: Final = "lora"
-    options: Final[Mapping[str, OptionValue]] = {
+    name = "lora"
+    options: Mapping[str, OptionValue] = {
         "rank": 8,
         "alpha": 16,
         "dropout": 0.0,
@@ -35,3 +36,6 @@ class Lora:
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)
+
+
+REGISTER = [Lora()]

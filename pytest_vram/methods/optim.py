@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, final
 
+from pytest_vram.methods import Optimizer
 from pytest_vram.spec import OptionValue
 
 if TYPE_CHECKING:
@@ -18,11 +19,11 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @final
-class AdamW:
+class AdamW(Optimizer):
     """torch AdamW: two state tensors (exp_avg, exp_avg_sq) the size of each trainable param."""
 
-    name: Final = "adamw"
-    options: Final[Mapping[str, OptionValue]] = {"lr": 1e-4, "weight_decay": 0.0}
+    name = "adamw"
+    options: Mapping[str, OptionValue] = {"lr": 1e-4, "weight_decay": 0.0}
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> torch.optim.Optimizer:
         import torch
@@ -35,11 +36,11 @@ class AdamW:
 
 
 @final
-class SGD:
+class SGD(Optimizer):
     """torch SGD; with momentum it keeps one buffer per trainable param, without none."""
 
-    name: Final = "sgd"
-    options: Final[Mapping[str, OptionValue]] = {"lr": 1e-3, "momentum": 0.0}
+    name = "sgd"
+    options: Mapping[str, OptionValue] = {"lr": 1e-3, "momentum": 0.0}
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> torch.optim.Optimizer:
         import torch
@@ -49,3 +50,6 @@ class SGD:
             lr=spec.optimizer_option("lr"),
             momentum=spec.optimizer_option("momentum"),
         )
+
+
+REGISTER = [AdamW(), SGD()]

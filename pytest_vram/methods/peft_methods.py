@@ -1,0 +1,3 @@
+"""Filled in by the methods issue."""
+
+REGISTER: list[object] = []
