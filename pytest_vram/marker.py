@@ -12,7 +12,7 @@ from pytest_vram.spec import FIELDS, SpecError, check_field
 __all__ = ["MARKER", "MarkerArgs", "parse_marker"]
 
 MARKER: Final = "vram_budget"
-_OWN: Final = ("gb", "tolerance")
+_OWN: Final = ("gb", "tolerance", "leak_tolerance")
 
 
 @final
@@ -20,6 +20,7 @@ _OWN: Final = ("gb", "tolerance")
 class MarkerArgs:
     gb: float
     tolerance: float | None
+    leak_tolerance: float
     # StepSpec fields given in the marker are the defaults of vram.step() in that test.
     spec_defaults: Mapping[str, Any]
 
@@ -30,6 +31,13 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
+def _fraction(name: str, kwargs: Mapping[str, Any]) -> float:
+    value = _number(name, kwargs[name])
+    if value < 0:
+        raise SpecError(f"{name}={kwargs[name]!r} must be >= 0 (0.05 is 5%)")
+    return value
+
+
 def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs:
     if args:
         raise SpecError(f"takes keyword arguments only, got positional {args!r}; write gb=...")
@@ -38,11 +46,8 @@ def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs
     gb = _number("gb", kwargs["gb"])
     if gb <= 0:
         raise SpecError(f"gb={kwargs['gb']!r} must be > 0 (GiB)")
-    tolerance = None
-    if "tolerance" in kwargs:
-        tolerance = _number("tolerance", kwargs["tolerance"])
-        if tolerance < 0:
-            raise SpecError(f"tolerance={kwargs['tolerance']!r} must be >= 0 (0.05 is 5%)")
+    tolerance = _fraction("tolerance", kwargs) if "tolerance" in kwargs else None
+    leak_tolerance = _fraction("leak_tolerance", kwargs) if "leak_tolerance" in kwargs else 0.0
     defaults: dict[str, Any] = {}
     for name, value in kwargs.items():
         if name in _OWN:
@@ -51,4 +56,4 @@ def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs
             known = ", ".join((*_OWN, *FIELDS))
             raise SpecError(f"unknown keyword {name}={value!r}; known: {known}")
         defaults[name] = check_field(name, value)
-    return MarkerArgs(gb, tolerance, defaults)
+    return MarkerArgs(gb, tolerance, leak_tolerance, defaults)

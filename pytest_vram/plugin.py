@@ -20,7 +20,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(gb, tolerance=None, **step): fail when the peak memory of the test's "
+        f"{MARKER}(gb, tolerance=None, leak_tolerance=0, **step): fail when the peak memory of the test's "
         "vram.step()/vram.measure() cases exceeds gb GiB or drifts from the stored baseline",
     )
     settings = resolve(config)

@@ -9,6 +9,7 @@ from typing import Any, Final, final
 
 import pytest
 
+from pytest_vram import invariants
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
 from pytest_vram.marker import MARKER, MarkerArgs, parse_marker
 from pytest_vram.meters.base import MemoryResult
@@ -46,7 +47,14 @@ def split_nodeid(nodeid: str) -> tuple[str, str]:
 
 @final
 class Recorder:
-    """The ``vram`` fixture: runs cases in the isolated worker and keeps their results."""
+    """The ``vram`` fixture: runs cases in the isolated worker and keeps their results.
+
+    ``assert_le`` / ``assert_lt`` / ``assert_ordered`` compare results (see ``invariants``).
+    """
+
+    assert_le = staticmethod(invariants.assert_le)
+    assert_lt = staticmethod(invariants.assert_lt)
+    assert_ordered = staticmethod(invariants.assert_ordered)
 
     def __init__(self, session: VramSession, item: pytest.Item) -> None:
         self._session = session
@@ -82,8 +90,11 @@ class Recorder:
         __tracebackhide__ = True
         out = self._session.worker.run(job, self._session.settings.timeout_s)
         if isinstance(out, CaseFailure):
-            prefix = "vram.step: " if out.kind == "spec" else ""
-            pytest.fail(prefix + out.long_repr(), pytrace=False)
+            if out.kind == "unsupported":  # e.g. a library that calls CUDA, on the host meter
+                pytest.skip(f"{out.reason} [{out.label}]")
+            if out.kind == "spec":
+                pytest.fail(f"vram.step: {out.reason} [{out.label}]", pytrace=False)
+            pytest.fail(out.long_repr(), pytrace=False)
         self.results.append(out)
         return out
 
@@ -183,7 +194,8 @@ class VramSession:
         tolerance = (
             args.tolerance if args and args.tolerance is not None else self.settings.tolerance
         )
-        budget = Budget.from_gib(args.gb if args else None, tolerance)
+        leak = args.leak_tolerance if args else 0.0
+        budget = Budget.from_gib(args.gb if args else None, tolerance, leak)
         hint = f"pytest-vram refresh '{item.nodeid}'"
         verdicts = []
         seen: dict[str, int] = defaultdict(int)

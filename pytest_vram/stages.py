@@ -28,7 +28,7 @@ class Sft:
         self.model = model
         self.spec = spec
         self.device = device
-        self.vocab: int = model.config.vocab_size  # type: ignore[union-attr]
+        self.vocab: int = model.config.vocab_size  # type: ignore[union-attr, assignment]
         self.gen = torch.Generator().manual_seed(spec.seed)
 
     def tokens(self, batch: int) -> torch.Tensor:

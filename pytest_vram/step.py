@@ -113,7 +113,7 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
     steps: list[StepMeasure] = []
     with meter:
         model = method.build_model(spec, _DTYPES[spec.precision], meter.device)
-        model.config.use_cache = False  # training: no KV cache
+        model.config.use_cache = False  # type: ignore[union-attr]  # training: no KV cache
         if spec.grad_ckpt:
             # Frozen embeddings give inputs without grad; checkpointed blocks then need this hook.
             model.enable_input_require_grads()  # type: ignore[operator]

@@ -10,7 +10,7 @@ from pytest_vram.meters.base import GIB, MemoryResult, gib
 
 __all__ = ["Budget", "CaseVerdict", "judge", "versions_changed"]
 
-Status = Literal["ok", "over-budget", "drift-up", "drift-down", "no-baseline", "recorded"]
+Status = Literal["ok", "over-budget", "leak", "drift-up", "drift-down", "no-baseline", "recorded"]
 BaselineAction = Literal["created", "updated", "unchanged"]
 _VERSION_KEYS: Final = ("python", "torch", "transformers", "peft", "pytest-vram")
 
@@ -20,10 +20,12 @@ _VERSION_KEYS: Final = ("python", "torch", "transformers", "peft", "pytest-vram"
 class Budget:
     bytes: int | None  # None: no ceiling, baseline only
     tolerance: float
+    # Steady steps (2, 3, ...) must not grow: growth means something is kept across steps.
+    leak_tolerance: float = 0.0
 
     @classmethod
-    def from_gib(cls, gb: float | None, tolerance: float) -> Budget:
-        return cls(None if gb is None else int(gb * GIB), tolerance)
+    def from_gib(cls, gb: float | None, tolerance: float, leak_tolerance: float = 0.0) -> Budget:
+        return cls(None if gb is None else int(gb * GIB), tolerance, leak_tolerance)
 
 
 def versions_changed(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
@@ -84,6 +86,20 @@ class CaseVerdict:
         }
 
 
+def _leak(result: MemoryResult, tolerance: float) -> str | None:
+    """Step 1 creates the optimizer state; from step 2 on every step should peak the same."""
+    peaks = result.step_peak_bytes
+    for step in range(2, len(peaks)):  # 1-based: compare step `step` with step `step + 1`
+        before, after = peaks[step - 1], peaks[step]
+        if before and after > before * (1 + tolerance):
+            return (
+                f"peak grew from {gib(before):.4f} GiB at step {step} to {gib(after):.4f} GiB at "
+                f"step {step + 1} ({after / before - 1:+.2%}, {after - before:+,d} B) beyond leak "
+                f"tolerance {tolerance:.1%}: something is kept across steps"
+            )
+    return None
+
+
 def judge(
     test: str,
     result: MemoryResult,
@@ -105,6 +121,10 @@ def judge(
         reasons.append(
             f"peak {gib(peak):.3f} GiB exceeds budget {gib(budget.bytes):.3f} GiB ({over:+.1%}) {tag}"
         )
+    leak = _leak(result, budget.leak_tolerance)
+    if leak:
+        statuses.append("leak")
+        reasons.append(f"{leak} {tag}")
     action: BaselineAction | None = None
     if update:
         statuses.append("recorded")

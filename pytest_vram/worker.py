@@ -31,7 +31,7 @@ _TAIL_LINES: Final = 20
 # After the child has sent its result it only has to exit; do not wait long for that.
 _EXIT_GRACE_S: Final = 30.0
 
-FailureKind = Literal["crash", "timeout", "oom", "error", "spec"]
+FailureKind = Literal["crash", "timeout", "oom", "error", "spec", "unsupported"]
 
 
 @final
@@ -102,6 +102,18 @@ def _is_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
 
 
+def _kind(exc: BaseException) -> FailureKind:
+    from pytest_vram.methods import Unsupported
+
+    if _is_oom(exc):
+        return "oom"
+    if isinstance(exc, SpecError):
+        return "spec"
+    if isinstance(exc, Unsupported):
+        return "unsupported"
+    return "error"
+
+
 def _child(job: Job, conn: multiprocessing.connection.Connection, output_path: str) -> None:
     # Own process group: a timeout kills whatever the case started too.
     os.setpgid(0, 0)
@@ -111,8 +123,9 @@ def _child(job: Job, conn: multiprocessing.connection.Connection, output_path: s
     try:
         message: tuple[str, ...] = ("ok", _execute(job).to_json())
     except BaseException as exc:  # noqa: B036 - every way out becomes a message
-        kind = "oom" if _is_oom(exc) else "spec" if isinstance(exc, SpecError) else "error"
-        message = (kind, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        kind = _kind(exc)
+        what = str(exc) if kind in ("spec", "unsupported") else f"{type(exc).__name__}: {exc}"
+        message = (kind, what, traceback.format_exc())
     conn.send(message)
     conn.close()
 

@@ -54,11 +54,11 @@ def test_option_order_does_not_change_the_spec() -> None:
         ({"model": "gpt-9"}, "unknown model 'gpt-9'; known: deepseek-r1-distill-qwen-1.5b"),
         (
             {"model": "tiny-llama", "method": "magic"},
-            "unknown method 'magic'; known: freeze, full, lora",
+            "unknown method 'magic'; known: ",
         ),
         (
             {"model": "tiny-llama", "optimizer": "adam"},
-            "unknown optimizer 'adam'; known: adamw, sgd",
+            "unknown optimizer 'adam'; known: ",
         ),
         (
             {"model": "tiny-llama", "precision": "fp8"},
@@ -90,6 +90,17 @@ def test_bad_values_are_named(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(SpecError) as info:
         StepSpec.from_kwargs(**kwargs)
     assert message in str(info.value)
+
+
+def test_unknown_names_list_every_registered_one() -> None:
+    from pytest_vram import methods
+
+    with pytest.raises(SpecError) as info:
+        StepSpec(model="tiny-llama", method="magic")
+    assert str(info.value).endswith(", ".join(sorted(methods.METHODS)))
+    with pytest.raises(SpecError) as info:
+        StepSpec(model="tiny-llama", optimizer="adam")
+    assert str(info.value).endswith(", ".join(sorted(methods.OPTIMIZERS)))
 
 
 def test_float_option_accepts_int() -> None:
