@@ -14,7 +14,7 @@ from typing import Any, Final, final
 
 __all__ = ["PRECISIONS", "STAGES", "SpecError", "StepSpec", "check_field"]
 
-PRECISIONS: Final = ("fp32", "bf16", "amp-bf16")
+PRECISIONS: Final = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 STAGES: Final = ("sft", "dpo")
 
 OptionValue = int | float | str | bool | tuple[str, ...]

@@ -15,8 +15,9 @@ from typing import Any, Final
 
 import torch
 
+from pytest_vram import zoo
 from pytest_vram.methods import METHODS
-from pytest_vram.spec import StepSpec
+from pytest_vram.spec import SpecError, StepSpec
 
 __all__ = ["STAGES", "Dpo", "Sft"]
 
@@ -28,20 +29,59 @@ class Sft:
         self.model = model
         self.spec = spec
         self.device = device
-        self.vocab: int = model.config.vocab_size  # type: ignore[union-attr, assignment]
+        config: Any = model.config
+        self.config = config
+        self.vocab: int = getattr(config, "text_config", config).vocab_size
+        self.shape = zoo.MODELS[spec.model]
         self.gen = torch.Generator().manual_seed(spec.seed)
-
-    def tokens(self, batch: int) -> torch.Tensor:
-        shape = (batch, self.spec.seq)
-        return torch.randint(self.vocab, shape, generator=self.gen).to(self.device)
+        if self.shape.image_patches is not None:
+            rows, cols = self.shape.image_patches
+            merge = config.vision_config.spatial_merge_size
+            self.image_tokens = rows * cols // merge**2
+            if spec.seq < self.image_tokens + 3:
+                raise SpecError(
+                    f"seq={spec.seq} is too short for {spec.model}: its image alone takes "
+                    f"{self.image_tokens} tokens plus 2 markers; use seq >= {self.image_tokens + 3}"
+                )
 
     def frozen_models(self) -> list[torch.nn.Module]:
         """Models besides the trained one whose weights the step holds."""
         return []
 
+    def inputs(self, batch: int) -> dict[str, torch.Tensor]:
+        """Random tokens; for a vision-language model one image per example, up front."""
+        ids = torch.randint(self.vocab, (batch, self.spec.seq), generator=self.gen)
+        inputs = {"input_ids": ids}
+        if self.shape.image_patches is not None:
+            inputs.update(self._image(ids))
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def _image(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.shape.image_patches is not None
+        rows, cols = self.shape.image_patches
+        c = self.config
+        vision = c.vision_config
+        n = self.image_tokens
+        ids[:, 0] = c.vision_start_token_id
+        ids[:, 1 : 1 + n] = c.image_token_id
+        ids[:, 1 + n] = c.vision_end_token_id
+        kinds = torch.zeros_like(ids)
+        kinds[:, 1 : 1 + n] = 1  # text 0, image 1
+        batch = ids.shape[0]
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.randn(batch * rows * cols, patch, generator=self.gen)
+        return {
+            "pixel_values": pixels.to(next(self.model.parameters()).dtype),
+            "image_grid_thw": torch.tensor([[1, rows, cols]] * batch),
+            "mm_token_type_ids": kinds,
+        }
+
     def loss(self) -> torch.Tensor:
-        ids = self.tokens(self.spec.batch)
-        loss: torch.Tensor = self.model(input_ids=ids, labels=ids).loss
+        inputs = self.inputs(self.spec.batch)
+        labels = inputs["input_ids"].clone()
+        if "mm_token_type_ids" in inputs:
+            labels[inputs["mm_token_type_ids"] != 0] = -100  # no loss on image tokens
+        loss: torch.Tensor = self.model(**inputs, labels=labels).loss
         return loss
 
 
@@ -61,8 +101,9 @@ class Dpo(Sft):
     def frozen_models(self) -> list[torch.nn.Module]:
         return [self.reference] if self.reference is not None else []
 
-    def _logps(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=ids).logits[:, :-1]
+    def _logps(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        logits = model(**inputs).logits[:, :-1]
         logps: torch.Tensor = self.selective_log_softmax(logits, ids[:, 1:]).sum(-1)
         return logps
 
@@ -73,10 +114,10 @@ class Dpo(Sft):
 
     def loss(self) -> torch.Tensor:
         # Chosen then rejected, concatenated into one batch as TRL does.
-        ids = self.tokens(2 * self.spec.batch)
-        policy = self._logps(self.model, ids)
+        inputs = self.inputs(2 * self.spec.batch)
+        policy = self._logps(self.model, inputs)
         with torch.no_grad(), self._reference_context():
-            ref = self._logps(self.reference or self.model, ids)
+            ref = self._logps(self.reference or self.model, inputs)
         pi_c, pi_r = policy.chunk(2)
         ref_c, ref_r = ref.chunk(2)
         margin = DPO_BETA * ((pi_c - ref_c) - (pi_r - ref_r))

@@ -23,7 +23,15 @@ from pytest_vram.spec import StepSpec
 __all__ = ["library_versions", "mark_step", "measure_fn", "roles_of", "run_step"]
 
 _LIBRARIES = ("torch", "transformers", "peft", "pytest-vram")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp-bf16": torch.float32}
+# Weights' dtype; amp-* keeps fp32 weights (the master copy) and autocasts the compute.
+_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "amp-bf16": torch.float32,
+    "amp-fp16": torch.float32,
+}
+_AUTOCAST = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
 
 
 def library_versions() -> dict[str, str]:
@@ -64,8 +72,10 @@ def roles_of(
 
 
 def _autocast(spec: StepSpec, device: str) -> contextlib.AbstractContextManager[Any]:
-    if spec.precision == "amp-bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    # No GradScaler with amp-fp16: its state is a few scalars, not worth a second code path.
+    if spec.precision in _AUTOCAST:
+        dtype = _AUTOCAST[spec.precision]
+        return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
     return contextlib.nullcontext()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, Literal, final
 
 if TYPE_CHECKING:
     import torch
@@ -25,11 +25,15 @@ class ModelShape:
     # Published parameter count, for checking the numbers above against the model card.
     published_params: int | None = None
     notes: str = ""
+    kind: Literal["causal-lm", "vision-language"] = "causal-lm"
+    # Vision-language: each example carries one image of this many patches (rows, columns),
+    # e.g. (32, 32) is a 448x448 image in 14-pixel patches.
+    image_patches: tuple[int, int] | None = None
 
 
 _QWEN2_COMMON: Final = {"vocab_size": 151936, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
 
-MODELS: Final[Mapping[str, ModelShape]] = {
+_LANGUAGE: Final[Mapping[str, ModelShape]] = {
     # A few million parameters: fast enough for every test, big enough that each kind of tensor
     # (embedding, attention, MLP, head) shows in the breakdown.
     "tiny-llama": ModelShape(
@@ -126,6 +130,80 @@ MODELS: Final[Mapping[str, ModelShape]] = {
 }
 
 
+_QWEN2_VL_TOKENS: Final = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+
+_VISION_LANGUAGE: Final[Mapping[str, ModelShape]] = {
+    # Qwen2-VL-shaped, small: a 2-layer vision tower feeding a 2-layer language model.
+    "tiny-qwen2-vl": ModelShape(
+        "qwen2_vl",
+        {
+            "text_config": {
+                "vocab_size": 2048,
+                "hidden_size": 256,
+                "intermediate_size": 688,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 2048,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1000000.0,
+                    "mrope_section": [8, 12, 12],
+                },
+            },
+            "vision_config": {"depth": 2, "embed_dim": 64, "hidden_size": 256, "num_heads": 4},
+            "image_token_id": 2001,
+            "video_token_id": 2002,
+            "vision_start_token_id": 2003,
+            "vision_end_token_id": 2004,
+        },
+        notes="test model, about 2.8M parameters",
+        kind="vision-language",
+        image_patches=(8, 8),
+    ),
+    "qwen2-vl-7b": ModelShape(
+        "qwen2_vl",
+        {
+            "text_config": {
+                "vocab_size": 152064,
+                "hidden_size": 3584,
+                "intermediate_size": 18944,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 28,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 32768,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1000000.0,
+                    "mrope_section": [16, 24, 24],
+                },
+            },
+            "vision_config": {
+                "depth": 32,
+                "embed_dim": 1280,
+                "hidden_size": 3584,
+                "num_heads": 16,
+                "mlp_ratio": 4,
+            },
+            **_QWEN2_VL_TOKENS,
+        },
+        published_params=8_291_375_616,
+        kind="vision-language",
+        image_patches=(32, 32),
+    ),
+}
+
+
+MODELS: Final[Mapping[str, ModelShape]] = {**_LANGUAGE, **_VISION_LANGUAGE}
+
+
 def build_config(name: str) -> PretrainedConfig:
     from transformers import AutoConfig
 
@@ -138,11 +216,12 @@ def build_model(
 ) -> PreTrainedModel:
     """Random-weight causal LM of the named shape, built directly in ``dtype`` on ``device``."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = build_config(name)
+    auto = AutoModelForCausalLM if MODELS[name].kind == "causal-lm" else AutoModelForImageTextToText
     with torch.device(device):
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        model: PreTrainedModel = auto.from_config(  # type: ignore[no-untyped-call]
             config, dtype=dtype, attn_implementation="sdpa"
         )
     return model

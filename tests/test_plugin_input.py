@@ -49,7 +49,7 @@ def assert_usage_error(result: pytest.RunResult, *lines: str) -> None:
         ("gb=1, model='gpt-9'", "unknown model 'gpt-9'; known: *tiny-llama*"),
         ("gb=1, method='qlora-9'", "unknown method 'qlora-9'; known: *freeze, full, *lora*"),
         ("gb=1, optimizer='lion'", "unknown optimizer 'lion'; known: *adamw, *sgd*"),
-        ("gb=1, precision='fp8'", "unknown precision 'fp8'; known: amp-bf16, bf16, fp32"),
+        ("gb=1, precision='fp8'", "unknown precision 'fp8'; known: amp-bf16, amp-fp16, bf16, fp16, fp32"),
         ("gb=1, batch=0", "batch=0 must be >= 1"),
         ("gb=1, seq=0", "seq=0 must be >= 1"),
         ("gb=1, steps=0", "steps=0 must be >= 1"),

@@ -62,7 +62,7 @@ def test_option_order_does_not_change_the_spec() -> None:
         ),
         (
             {"model": "tiny-llama", "precision": "fp8"},
-            "unknown precision 'fp8'; known: amp-bf16, bf16, fp32",
+            "unknown precision 'fp8'; known: amp-bf16, amp-fp16, bf16, fp16, fp32",
         ),
         ({"model": "tiny-llama", "batch": 0}, "batch=0 must be >= 1"),
         ({"model": "tiny-llama", "seq": -5}, "seq=-5 must be >= 1"),
