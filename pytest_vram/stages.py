@@ -76,8 +76,11 @@ class Sft:
             "mm_token_type_ids": kinds,
         }
 
-    def loss(self) -> torch.Tensor:
-        inputs = self.inputs(self.spec.batch)
+    def batch(self) -> dict[str, torch.Tensor]:
+        """One step's inputs; the caller holds them for the whole step, as a trainer loop does."""
+        return self.inputs(self.spec.batch)
+
+    def loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = inputs["input_ids"].clone()
         if "mm_token_type_ids" in inputs:
             labels[inputs["mm_token_type_ids"] != 0] = -100  # no loss on image tokens
@@ -112,9 +115,11 @@ class Dpo(Sft):
             return self.model.disable_adapter()  # type: ignore[operator, no-any-return]
         return contextlib.nullcontext()
 
-    def loss(self) -> torch.Tensor:
+    def batch(self) -> dict[str, torch.Tensor]:
         # Chosen then rejected, concatenated into one batch as TRL does.
-        inputs = self.inputs(2 * self.spec.batch)
+        return self.inputs(2 * self.spec.batch)
+
+    def loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         policy = self._logps(self.model, inputs)
         with torch.no_grad(), self._reference_context():
             ref = self._logps(self.reference or self.model, inputs)

@@ -134,15 +134,16 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         stage = stages.STAGES[spec.stage](model, spec, meter.device)
         for _ in range(spec.steps):
             meter.step_begin()
+            inputs = stage.batch()
             with _autocast(spec, meter.device):
-                loss = stage.loss()
+                loss = stage.loss(inputs)
             opt.backward_step(optimizer, loss, spec)
             # Roles are not kept: holding them would keep this step's gradients alive.
             roles = roles_of(model, optimizer, method, opt, stage.frozen_models())
             steps.append(meter.step_end(roles))
             del roles
             opt.zero_grad(optimizer)
-            del loss
+            del loss, inputs
         return _result(spec.label, spec, meter, steps, model)
 
 

@@ -15,8 +15,6 @@ from typing import Any, final
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
-from torch.utils.weak import WeakIdKeyDictionary
 
 from pytest_vram.meters.base import Breakdown, Roles, StepMeasure
 
@@ -28,7 +26,9 @@ class StorageLedger:
     """Live storages, their bytes, and the live set at the peak of the current window."""
 
     def __init__(self) -> None:
-        self._sid_of: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Keyed by the StorageImpl address (``_cdata``), unique while the storage lives; torch
+        # keeps one Python object per live storage, whose weakref callback fires when it dies.
+        self._sid_of: dict[int, int] = {}
         self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         self._live: dict[int, int] = {}  # storage id -> bytes
         self._ids = itertools.count()
@@ -41,19 +41,31 @@ class StorageLedger:
         self.closed = False
 
     def track(self, t: torch.Tensor) -> int:
+        """Register ``t``'s storage if new; re-read its size (an ``out=`` op may resize it)."""
         st = t.untyped_storage()
-        sid = self._sid_of.get(st)
+        sid = self._sid_of.get(st._cdata)
         if sid is None:
-            sid = next(self._ids)
-            self._sid_of[st] = sid
-            self._refs[sid] = weakref.ref(st, self._freed_callback(sid))
-            self._grow(sid, st.nbytes())
-        elif st.nbytes() != self._live[sid]:
+            return self._register(st)
+        if st.nbytes() != self._live[sid]:
             self.resized(st)
         return sid
 
+    def seen(self, t: torch.Tensor) -> None:
+        """An op's input: only new storages matter (a resize shows on the op that did it)."""
+        st = t.untyped_storage()
+        if st._cdata not in self._sid_of:
+            self._register(st)
+
+    def _register(self, st: torch.UntypedStorage) -> int:
+        key = st._cdata
+        sid = next(self._ids)
+        self._sid_of[key] = sid
+        self._refs[sid] = weakref.ref(st, self._freed_callback(sid, key))
+        self._grow(sid, st.nbytes())
+        return sid
+
     def resized(self, st: torch.UntypedStorage) -> None:
-        sid = self._sid_of.get(st)
+        sid = self._sid_of.get(st._cdata)
         if sid is None:
             return
         old = self._live[sid]
@@ -64,12 +76,14 @@ class StorageLedger:
         self._live[sid] = new
         self._note_peak()
 
-    def _freed_callback(self, sid: int) -> Callable[[Any], None]:
+    def _freed_callback(self, sid: int, key: int) -> Callable[[Any], None]:
         def freed(_ref: Any) -> None:
             if not self.closed:
                 self._snapshot_if_pending()
                 self.live_bytes -= self._live.pop(sid)
                 del self._refs[sid]
+                if self._sid_of.get(key) == sid:
+                    del self._sid_of[key]
 
         return freed
 
@@ -131,10 +145,26 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         # Inputs too: a tensor made outside any op (from_numpy, unpickled) counts once it is used.
-        tree_map_only(torch.Tensor, self.ledger.track, (args, kwargs))
+        ledger = self.ledger
+        _walk(args, ledger.seen)
+        if kwargs:
+            _walk(tuple(kwargs.values()), ledger.seen)
         out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self.ledger.track, out)
+        _walk(out, ledger.track)
         return out
+
+
+def _walk(obj: Any, track: Callable[[torch.Tensor], object]) -> None:
+    """Tensors in op arguments and results: plain tensors, lists and tuples of them. Hand-written
+    because pytree's general walk was most of the meter's overhead."""
+    if isinstance(obj, torch.Tensor):
+        track(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, torch.Tensor):
+                track(item)
+            elif isinstance(item, (list, tuple)):
+                _walk(item, track)
 
 
 @final
