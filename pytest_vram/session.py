@@ -40,6 +40,12 @@ def check_gpu_visible() -> None:
         )
 
 
+def _extensions() -> tuple[str, ...]:
+    from pytest_vram.methods import extension_modules
+
+    return extension_modules()
+
+
 def split_nodeid(nodeid: str) -> tuple[str, str]:
     module, _, test = nodeid.partition("::")
     return module, test
@@ -71,13 +77,15 @@ class Recorder:
         except SpecError as exc:
             error = f"vram.step: {exc}"
         else:
-            return self._run(Job(self._session.settings.device, spec=spec))
+            return self._run(Job(self._session.settings.device, spec=spec, imports=_extensions()))
         pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
     def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
         """Run an importable function in the isolated child under the meter."""
         __tracebackhide__ = True
-        job = Job(self._session.settings.device, fn=fn, args=args, kwargs=kwargs)
+        job = Job(
+            self._session.settings.device, fn=fn, args=args, kwargs=kwargs, imports=_extensions()
+        )
         try:
             job.check_picklable()
         except SpecError as exc:

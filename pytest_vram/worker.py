@@ -44,6 +44,8 @@ class Job:
     fn: Callable[..., Any] | None = None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Modules that register methods/optimizers (pytest_vram.methods.register): imported first.
+    imports: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -85,8 +87,13 @@ class CaseFailure:
 
 
 def _execute(job: Job) -> MemoryResult:
+    import importlib
+
     from pytest_vram.meters import make_meter
     from pytest_vram.step import measure_fn, run_step
+
+    for module in job.imports:
+        importlib.import_module(module)
 
     meter = make_meter(job.meter)
     if job.spec is not None:

@@ -20,7 +20,16 @@ if TYPE_CHECKING:
 
     from pytest_vram.spec import StepSpec
 
-__all__ = ["METHODS", "OPTIMIZERS", "Method", "Optimizer", "Unsupported", "state_tensors"]
+__all__ = [
+    "METHODS",
+    "OPTIMIZERS",
+    "Method",
+    "Optimizer",
+    "Unsupported",
+    "extension_modules",
+    "register",
+    "state_tensors",
+]
 
 # Modules whose REGISTER lists are collected, in this order.
 _MODULES: Final = ("full", "freeze", "lora", "peft_methods", "quant", "optim", "optim_extra")
@@ -120,3 +129,26 @@ def _registry() -> tuple[dict[str, Method], dict[str, Optimizer]]:
 
 
 METHODS, OPTIMIZERS = _registry()
+
+
+_EXTENSIONS: list[str] = []
+
+
+def register(entry: Method | Optimizer, *, replace: bool = False) -> None:
+    """Add a method or optimizer of your own (an in-house trainer's, or a variant under test).
+
+    Call it at import time of an importable module: the worker child imports that module again
+    before it runs a case, so the entry exists there too. ``replace=True`` swaps a built-in.
+    """
+    table: dict[str, Any] = METHODS if Method in type(entry).__mro__ else OPTIMIZERS
+    if entry.name in table and not replace:
+        raise ValueError(f"{entry.name!r} is already registered; pass replace=True to swap it")
+    table[entry.name] = entry
+    module = type(entry).__module__
+    if module not in _EXTENSIONS and not module.startswith(f"{__name__}."):
+        _EXTENSIONS.append(module)
+
+
+def extension_modules() -> tuple[str, ...]:
+    """Modules that registered entries; the worker child imports them before a case."""
+    return tuple(_EXTENSIONS)
