@@ -106,7 +106,8 @@ class Dpo(Sft):
 
     def _logps(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = inputs["input_ids"]
-        logits = model(**inputs).logits[:, :-1]
+        # Prompt learning prepends virtual tokens to the logits: keep the input's positions.
+        logits = model(**inputs).logits[:, -ids.size(1) : -1]
         logps: torch.Tensor = self.selective_log_softmax(logits, ids[:, 1:]).sum(-1)
         return logps
 

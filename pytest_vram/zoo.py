@@ -211,17 +211,23 @@ def build_config(name: str) -> PretrainedConfig:
     return AutoConfig.for_model(shape.model_type, **shape.config)
 
 
+def auto_class(name: str) -> Any:
+    """The transformers auto class for the shape's kind."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForCausalLM if MODELS[name].kind == "causal-lm" else AutoModelForImageTextToText
+
+
 def build_model(
     name: str, dtype: torch.dtype, device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
     """Random-weight causal LM of the named shape, built directly in ``dtype`` on ``device``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = build_config(name)
-    auto = AutoModelForCausalLM if MODELS[name].kind == "causal-lm" else AutoModelForImageTextToText
+    auto = auto_class(name)
     with torch.device(device):
-        model: PreTrainedModel = auto.from_config(  # type: ignore[no-untyped-call]
+        model: PreTrainedModel = auto.from_config(
             config, dtype=dtype, attn_implementation="sdpa"
         )
     return model

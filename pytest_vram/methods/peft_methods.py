@@ -1,3 +1,211 @@
-"""Filled in by the methods issue."""
+"""peft's other adapter methods: LoRA variants, IA3 and the prompt-learning family.
 
-REGISTER: list[object] = []
+Each is one peft config handed to ``get_peft_model``; LoRA+ differs from LoRA only in its
+optimizer, which peft's ``create_loraplus_optimizer`` builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final, final
+
+from pytest_vram.methods import Method, Optimizer
+from pytest_vram.methods.lora import Lora, lora_config
+from pytest_vram.spec import OptionValue
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig
+
+    from pytest_vram.spec import StepSpec
+
+__all__ = ["LORA_OPTIONS", "lora_config"]
+
+# The LoRA variants take LoRA's options (rank, alpha, dropout, targets) and their defaults.
+LORA_OPTIONS: Final[Mapping[str, OptionValue]] = dict(Lora.options)
+
+
+def _peft(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, config)
+
+
+@final
+class Dora(Method):
+    """DoRA: LoRA plus a trained magnitude vector per adapted Linear (peft ``use_dora``)."""
+
+    name = "dora"
+    options = LORA_OPTIONS
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        return _peft(model, lora_config(spec, use_dora=True))
+
+
+@final
+class Pissa(Method):
+    """PiSSA: adapters initialised from the base weight's top singular vectors (and the base
+    keeps the residual). ``niter`` > 0 is peft's fast randomised SVD, 0 the full SVD."""
+
+    name = "pissa"
+    options: Mapping[str, OptionValue] = {**LORA_OPTIONS, "niter": 4}
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        niter = spec.method_option("niter")
+        init = f"pissa_niter_{niter}" if niter > 0 else "pissa"
+        return _peft(model, lora_config(spec, init_lora_weights=init))
+
+    def incompatible(self, spec: StepSpec) -> str | None:
+        niter = spec.method_option("niter")
+        return f"method_options: niter={niter} must be >= 0" if niter < 0 else None
+
+
+@final
+class RsLora(Method):
+    """rsLoRA: LoRA scaled by alpha / sqrt(rank); the same tensors as LoRA."""
+
+    name = "rslora"
+    options = LORA_OPTIONS
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        return _peft(model, lora_config(spec, use_rslora=True))
+
+
+# LoRA+ passes the spec's optimizer to peft as a torch class; its options map to these kwargs.
+_LORAPLUS_OPTIMIZERS: Final = {"adamw": "AdamW", "sgd": "SGD"}
+
+
+@final
+class LoraPlus(Method):
+    """LoRA+: LoRA whose B matrices learn ``loraplus_lr_ratio`` times faster (peft's
+    ``create_loraplus_optimizer`` groups them); tensors and optimizer state are LoRA's."""
+
+    name = "lora+"
+    options: Mapping[str, OptionValue] = {**LORA_OPTIONS, "loraplus_lr_ratio": 16.0}
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        return _peft(model, lora_config(spec))
+
+    def build_optimizer(self, model: torch.nn.Module, spec: StepSpec, optimizer: Optimizer) -> Any:
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
+
+        cls = getattr(torch.optim, _LORAPLUS_OPTIMIZERS[spec.optimizer])
+        kwargs: dict[str, Any] = {"lr": spec.optimizer_option("lr")}
+        if spec.optimizer == "adamw":
+            # peft applies weight decay per group through this key, not the optimizer's own.
+            kwargs["loraplus_weight_decay"] = spec.optimizer_option("weight_decay")
+        else:
+            kwargs["momentum"] = spec.optimizer_option("momentum")
+        return create_loraplus_optimizer(
+            model,  # type: ignore[arg-type]
+            cls,
+            loraplus_lr_ratio=spec.method_option("loraplus_lr_ratio"),
+            **kwargs,
+        )
+
+    def incompatible(self, spec: StepSpec) -> str | None:
+        if spec.optimizer not in _LORAPLUS_OPTIMIZERS:
+            known = ", ".join(_LORAPLUS_OPTIMIZERS)
+            return (
+                f"lora+ builds its param groups with peft's create_loraplus_optimizer around a "
+                f"torch optimizer class; optimizer {spec.optimizer!r} is not one of: {known}"
+            )
+        return None
+
+
+@final
+class Ia3(Method):
+    """IA3: learned scaling vectors on peft's default targets for the model type (llama:
+    k_proj, v_proj and the feed-forward down_proj, scaled on its input)."""
+
+    name = "ia3"
+    options: Mapping[str, OptionValue] = {}
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        from peft import IA3Config
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        )
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+        )
+
+        # peft has no entry for vision-language types (qwen2_vl); their language model has
+        # llama's layer names, which match no module of the vision tower.
+        kind = getattr(model.config, "model_type", "")
+        if kind not in TARGETS:
+            kind = "llama"
+        config = IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=TARGETS[kind],
+            feedforward_modules=FEEDFORWARD[kind],
+        )
+        return _peft(model, config)
+
+
+class _PromptLearning(Method):
+    """Virtual tokens trained in front of every sequence; the base model is frozen."""
+
+    options: Mapping[str, OptionValue] = {"num_virtual_tokens": 20}
+
+    def config(self, spec: StepSpec) -> PeftConfig:
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        return _peft(model, self.config(spec))
+
+    def incompatible(self, spec: StepSpec) -> str | None:
+        n = spec.method_option("num_virtual_tokens")
+        return f"method_options: num_virtual_tokens={n} must be >= 1" if n < 1 else None
+
+
+@final
+class Prefix(_PromptLearning):
+    """Prefix tuning: trained key/value prefixes in every layer, passed as a cache."""
+
+    name = "prefix"
+
+    def config(self, spec: StepSpec) -> PeftConfig:
+        from peft import PrefixTuningConfig
+
+        n = spec.method_option("num_virtual_tokens")
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+
+    def incompatible(self, spec: StepSpec) -> str | None:
+        if spec.grad_ckpt:
+            return (
+                "prefix tuning cannot run with grad_ckpt=True: get_peft_model raises "
+                "'PREFIX_TUNING does not work with gradient checkpointing' (peft's "
+                "PeftModel._setup_prompt_encoder; the prefixes travel as a key/value cache)"
+            )
+        return super().incompatible(spec)
+
+
+@final
+class PTuning(_PromptLearning):
+    """P-tuning: virtual token embeddings produced by peft's prompt encoder (an MLP)."""
+
+    name = "p-tuning"
+
+    def config(self, spec: StepSpec) -> PeftConfig:
+        from peft import PromptEncoderConfig
+
+        n = spec.method_option("num_virtual_tokens")
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+
+
+@final
+class Prompt(_PromptLearning):
+    """Prompt tuning: trained virtual token embeddings, randomly initialised."""
+
+    name = "prompt"
+
+    def config(self, spec: StepSpec) -> PeftConfig:
+        from peft import PromptTuningConfig
+
+        n = spec.method_option("num_virtual_tokens")
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+
+
+REGISTER = [Dora(), Pissa(), RsLora(), LoraPlus(), Ia3(), Prefix(), PTuning(), Prompt()]
