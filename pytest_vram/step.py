@@ -85,6 +85,7 @@ def _result(
     meter: Meter,
     steps: list[StepMeasure],
     model: torch.nn.Module | None,
+    notes: tuple[str, ...] = (),
 ) -> MemoryResult:
     worst = max(steps, key=lambda s: s.peak_bytes)
     params = list(model.parameters()) if model is not None else []
@@ -101,6 +102,7 @@ def _result(
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params),
         versions=library_versions(),
+        notes=notes,
     )
 
 
@@ -144,7 +146,7 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
             del roles
             opt.zero_grad(optimizer)
             del loss, inputs
-        return _result(spec.label, spec, meter, steps, model)
+        return _result(spec.label, spec, meter, steps, model, opt.notes(optimizer))
 
 
 @dataclasses.dataclass

@@ -115,6 +115,7 @@ def judge(
     notes: list[str] = []
     tag = f"[{result.label}]"
     peak = result.peak_bytes
+    notes.extend(result.notes)
     if budget.bytes is not None and peak > budget.bytes:
         statuses.append("over-budget")
         over = peak / budget.bytes - 1

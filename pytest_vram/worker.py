@@ -26,7 +26,17 @@ from pytest_vram.spec import SpecError, StepSpec
 
 __all__ = ["CaseFailure", "Job", "Worker"]
 
-PRELOAD: Final = ("torch", "transformers", "peft", "pytest_vram.step", "pytest_vram.meters.host")
+# Imported once in the server. Libraries that make tensors at import time (peft, badam) must
+# be here, or those bytes land in the first measured window. Missing ones are skipped.
+PRELOAD: Final = (
+    "torch",
+    "transformers",
+    "peft",
+    "badam",
+    "trl.trainer.utils",
+    "pytest_vram.step",
+    "pytest_vram.meters.host",
+)
 _TAIL_LINES: Final = 20
 # After the child has sent its result it only has to exit; do not wait long for that.
 _EXIT_GRACE_S: Final = 30.0

@@ -101,6 +101,7 @@ class MemoryResult:
     trainable_params: int = 0
     total_params: int = 0
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # how the libraries behaved, e.g. "paging fell back on CPU"
 
     @property
     def peak_gib(self) -> float:
@@ -111,6 +112,7 @@ class MemoryResult:
         data["spec"] = self.spec.to_dict() if self.spec else None
         data["step_peak_bytes"] = list(self.step_peak_bytes)
         data["versions"] = dict(self.versions)
+        data["notes"] = list(self.notes)
         data["schema"] = SCHEMA
         return data
 
@@ -126,6 +128,7 @@ class MemoryResult:
             breakdown=Breakdown(**data.pop("breakdown")),
             step_peak_bytes=tuple(data.pop("step_peak_bytes")),
             versions=dict(data.pop("versions", {})),
+            notes=tuple(data.pop("notes", ())),
             **data,
         )
 

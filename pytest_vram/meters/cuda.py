@@ -32,6 +32,8 @@ def storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
     """Bytes of the distinct storages behind ``tensors`` not already in ``seen``."""
     total = 0
     for t in tensors:
+        if getattr(t, "is_paged", False):  # bitsandbytes managed memory: not in the allocator
+            continue
         st = t.untyped_storage()
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())

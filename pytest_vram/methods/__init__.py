@@ -108,6 +108,10 @@ class Optimizer(Protocol):
     def state_tensors(self, optimizer: Any) -> Iterable[torch.Tensor]:
         return state_tensors(getattr(optimizer, "state", {}))
 
+    def notes(self, optimizer: Any) -> tuple[str, ...]:
+        """What the result should say about how the library behaved (e.g. paging fell back)."""
+        return ()
+
     def incompatible(self, spec: StepSpec) -> str | None:
         return None
 
