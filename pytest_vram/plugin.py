@@ -6,15 +6,29 @@ from typing import Final
 
 import pytest
 
+from pytest_vram import methods
 from pytest_vram.marker import MARKER
 from pytest_vram.options import add_options, resolve
 from pytest_vram.session import Recorder, VramSession, check_gpu_visible
 
 SESSION: Final = pytest.StashKey[VramSession]()
+_REGISTRY: Final = pytest.StashKey[methods.Snapshot]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # Before conftests run: what they register is this session's, undone at unconfigure.
+    early_config.stash[_REGISTRY] = methods.snapshot()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = config.stash.get(_REGISTRY, None)
+    if saved is not None:
+        methods.restore(saved)
 
 
 def pytest_configure(config: pytest.Config) -> None:

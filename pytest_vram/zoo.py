@@ -227,7 +227,5 @@ def build_model(
     config = build_config(name)
     auto = auto_class(name)
     with torch.device(device):
-        model: PreTrainedModel = auto.from_config(
-            config, dtype=dtype, attn_implementation="sdpa"
-        )
+        model: PreTrainedModel = auto.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model

@@ -44,7 +44,8 @@ register(KeepsFp32Copy(), replace=True)
 
 @pytest.mark.parametrize("broken", [False, True], ids=["real", "planted"])
 def test_invariant_suite_flags_a_planted_optimizer(pytester: pytest.Pytester, broken: bool) -> None:
-    pytester.makepyfile(test_invariants=SUITE.read_text("utf-8"))
+    # Another basename: the suite module itself may already be imported in this process.
+    pytester.makepyfile(test_shipped_invariants=SUITE.read_text("utf-8"))
     if broken:
         pytester.makepyfile(broken_optimizer=BROKEN)
         pytester.makeconftest("import broken_optimizer  # replaces adamw-8bit")

@@ -43,6 +43,11 @@ def test_registered_method_runs_in_the_worker_child(pytester: pytest.Pytester) -
     result = pytester.runpytest("-p", "no:cacheprovider", "--vram-update")
     result.assert_outcomes(passed=1)
     assert "head-only" in output(result)
+    # Registrations belong to that session: an in-process run leaves the registry as it was.
+    from pytest_vram.methods import METHODS, extension_modules
+
+    assert "head-only" not in METHODS
+    assert "my_methods" not in extension_modules()
 
 
 def test_registering_a_taken_name_needs_replace() -> None:

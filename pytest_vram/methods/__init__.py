@@ -28,6 +28,8 @@ __all__ = [
     "Unsupported",
     "extension_modules",
     "register",
+    "restore",
+    "snapshot",
     "state_tensors",
 ]
 
@@ -77,9 +79,7 @@ class Method(Protocol):
         """Model state that is neither a parameter nor a buffer (quantization constants)."""
         return ()
 
-    def build_optimizer(
-        self, model: torch.nn.Module, spec: StepSpec, optimizer: Optimizer
-    ) -> Any:
+    def build_optimizer(self, model: torch.nn.Module, spec: StepSpec, optimizer: Optimizer) -> Any:
         """The optimizer over what trains; LoRA+ builds its own param groups through peft."""
         return optimizer.build(model, spec)
 
@@ -151,6 +151,21 @@ def register(entry: Method | Optimizer, *, replace: bool = False) -> None:
     module = type(entry).__module__
     if module not in _EXTENSIONS and not module.startswith(f"{__name__}."):
         _EXTENSIONS.append(module)
+
+
+Snapshot = tuple[dict[str, Method], dict[str, Optimizer], list[str]]
+
+
+def snapshot() -> Snapshot:
+    return dict(METHODS), dict(OPTIMIZERS), list(_EXTENSIONS)
+
+
+def restore(saved: Snapshot) -> None:
+    """Undo registrations made since ``saved`` (a pytest session's conftests, for one)."""
+    for table, old in ((METHODS, saved[0]), (OPTIMIZERS, saved[1])):
+        table.clear()
+        table.update(old)  # type: ignore[arg-type]
+    _EXTENSIONS[:] = saved[2]
 
 
 def extension_modules() -> tuple[str, ...]:
