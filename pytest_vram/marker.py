@@ -56,4 +56,9 @@ def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs
             known = ", ".join((*_OWN, *FIELDS))
             raise SpecError(f"unknown keyword {name}={value!r}; known: {known}")
         defaults[name] = check_field(name, value)
+    if "model" in defaults:
+        # A complete spec: combinations (an optimizer a method cannot use) fail here too.
+        from pytest_vram.spec import StepSpec
+
+        StepSpec.from_kwargs(**defaults)
     return MarkerArgs(gb, tolerance, leak_tolerance, defaults)

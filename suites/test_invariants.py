@@ -66,6 +66,18 @@ def test_adamw_state_is_two_fp32_moments_per_trainable_param(vram, method: str) 
     assert r.breakdown.optimizer_bytes == 8 * r.trainable_params + 4 * len(tensors)
 
 
+def test_adamw_8bit_state_is_two_bytes_per_param_of_large_tensors(vram) -> None:
+    """bitsandbytes quantizes tensors of at least 4096 elements: a uint8 exp_avg and exp_avg_sq
+    and one fp32 absmax each per block of 256; smaller tensors keep two fp32 moments. Two
+    256-entry fp32 quantization maps are shared."""
+    r = vram.step(method="full", optimizer="adamw-8bit")
+    expected = 2 * 256 * 4
+    for p in _prepared("full").parameters():
+        n = p.numel()
+        expected += 2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 2 * 4 * n
+    assert r.breakdown.optimizer_bytes == expected
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt"])
 def test_trainable_params_match_peft(vram, method: str) -> None:
     """The count the meter reports is peft's own, for a model prepared the same way."""

@@ -198,3 +198,19 @@ def test_gpu_without_gpu_is_a_usage_error(vram_project) -> None:
     result = vram_project.run("--gpu")
     assert_usage_error(result, "ERROR: --gpu was given but no GPU is visible to torch (*)*")
     assert "run without --gpu to measure on the host meter" in output(result)
+
+
+def test_incompatible_method_and_optimizer_in_the_marker_fail_at_collection(pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.vram_budget(gb=1, model="tiny-llama", method="lora", optimizer="galore-adamw")
+        def test_a(vram):
+            vram.step()
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert_usage_error(
+        result, "ERROR: test_*.py::test_a: @pytest.mark.vram_budget: lora with galore-adamw: *"
+    )
