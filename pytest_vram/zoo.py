@@ -32,6 +32,16 @@ class ModelShape:
 
 
 _QWEN2_COMMON: Final = {"vocab_size": 151936, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
+# The 7B language model of Qwen2.5-7B and of Qwen2-VL-7B.
+_QWEN2_7B: Final = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+}
 
 _LANGUAGE: Final[Mapping[str, ModelShape]] = {
     # A few million parameters: fast enough for every test, big enough that each kind of tensor
@@ -97,18 +107,7 @@ _LANGUAGE: Final[Mapping[str, ModelShape]] = {
     ),
     "qwen2.5-7b": ModelShape(
         "qwen2",
-        {
-            **_QWEN2_COMMON,
-            "vocab_size": 152064,
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 32768,
-            "rope_theta": 1000000.0,
-            "tie_word_embeddings": False,
-        },
+        {**_QWEN2_COMMON, **_QWEN2_7B, "rope_theta": 1000000.0, "tie_word_embeddings": False},
         published_params=7_615_616_512,
     ),
     "qwen2.5-32b": ModelShape(
@@ -172,13 +171,7 @@ _VISION_LANGUAGE: Final[Mapping[str, ModelShape]] = {
         "qwen2_vl",
         {
             "text_config": {
-                "vocab_size": 152064,
-                "hidden_size": 3584,
-                "intermediate_size": 18944,
-                "num_hidden_layers": 28,
-                "num_attention_heads": 28,
-                "num_key_value_heads": 4,
-                "max_position_embeddings": 32768,
+                **_QWEN2_7B,
                 "rope_parameters": {
                     "rope_type": "default",
                     "rope_theta": 1000000.0,
