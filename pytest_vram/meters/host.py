@@ -150,7 +150,8 @@ class _Watch(TorchDispatchMode):
         if kwargs:
             _walk(tuple(kwargs.values()), ledger.seen)
         out = func(*args, **(kwargs or {}))
-        _walk(out, ledger.track)
+        if not func.is_view:  # a view's storage is its input's, just seen
+            _walk(out, ledger.track)
         return out
 
 
