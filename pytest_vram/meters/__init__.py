@@ -1,4 +1,4 @@
-"""Meters: how memory is read. ``base`` is torch-free; ``host`` and ``cuda`` import torch."""
+"""Meters: how memory is read. ``base`` is torch-free; the meters themselves import torch."""
 
 from __future__ import annotations
 
