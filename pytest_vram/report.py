@@ -54,7 +54,7 @@ class Summary:
         if self.unused:
             hint = "removed by this update" if self.update else "remove with --vram-update"
             yield f"{len(self.unused)} unused vram baseline entries ({hint}):"
-            yield from (f"  {u}" for u in self.unused)
+            yield from (f"  {u}" for u in sorted(self.unused))  # xdist merges in any order
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
