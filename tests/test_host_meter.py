@@ -270,3 +270,17 @@ def test_resized_storage_counts_at_its_new_size() -> None:
     assert measure.peak_bytes == measure.breakdown.optimizer_bytes == 4096
     assert measure.breakdown.activation_bytes == 0
     assert torch.UntypedStorage.resize_ is orig_resize  # restored on exit
+
+
+def test_meta_tensors_hold_no_memory() -> None:
+    # DeepSpeed ZeRO-1/2 keep meta-device placeholders beside the real partitions.
+    meter = HostMeter()
+    with meter:
+        meter.step_begin()
+        placeholder = torch.empty(4096, device="meta")
+        real = torch.empty(256)
+        _ = placeholder * 2  # ops on meta tensors are watched too, and still count nothing
+        measure = meter.step_end(
+            Roles(params=[placeholder, real], buffers=[], grads=[], optimizer=[])
+        )
+    assert measure.peak_bytes == measure.breakdown.param_bytes == 256 * 4

@@ -40,8 +40,11 @@ class StorageLedger:
         self._peak_pending = False
         self.closed = False
 
-    def track(self, t: torch.Tensor) -> int:
-        """Register ``t``'s storage if new; re-read its size (an ``out=`` op may resize it)."""
+    def track(self, t: torch.Tensor) -> int | None:
+        """Register ``t``'s storage if new; re-read its size (an ``out=`` op may resize it).
+        Meta tensors hold no memory (DeepSpeed ZeRO-1/2 keep some): they are not counted."""
+        if t.is_meta:
+            return None
         st = t.untyped_storage()
         sid = self._sid_of.get(st._cdata)
         if sid is None:
@@ -52,6 +55,8 @@ class StorageLedger:
 
     def seen(self, t: torch.Tensor) -> None:
         """An op's input: only new storages matter (a resize shows on the op that did it)."""
+        if t.is_meta:
+            return
         st = t.untyped_storage()
         if st._cdata not in self._sid_of:
             self._register(st)
@@ -120,7 +125,7 @@ def classify(ledger: StorageLedger, peak_live: dict[int, int], roles: Roles) -> 
         nbytes = 0
         for t in tensors:
             sid = ledger.track(t)
-            if sid in peak_live and sid not in seen:
+            if sid is not None and sid in peak_live and sid not in seen:
                 seen.add(sid)
                 nbytes += peak_live[sid]
         return nbytes
