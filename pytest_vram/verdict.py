@@ -46,12 +46,6 @@ class CaseVerdict:
     failed: bool
     action: BaselineAction | None = None
 
-    @property
-    def delta(self) -> float | None:
-        if self.baseline is None or self.baseline.peak_bytes == 0:
-            return None
-        return self.result.peak_bytes / self.baseline.peak_bytes - 1
-
     def section(self) -> str:
         """Breakdown at the peak, for the test report."""
         r = self.result
