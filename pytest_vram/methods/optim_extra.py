@@ -300,6 +300,7 @@ class _Lomo(_Library):
 
     options: Mapping[str, OptionValue] = {"lr": 1e-3, "weight_decay": 0.0}
     requires = (("lomo_optim", "lomo-optim"),)
+    library_class: str  # Lomo or AdaLomo: the same constructor
 
     def backward_step(self, optimizer: Any, loss: torch.Tensor, spec: StepSpec) -> None:
         optimizer.fused_backward(loss, spec.optimizer_option("lr"))
@@ -307,21 +308,22 @@ class _Lomo(_Library):
     def zero_grad(self, optimizer: Any) -> None:
         """Nothing to clear: fused_backward leaves no gradient behind."""
 
+    def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
+        import lomo_optim
+
+        return getattr(lomo_optim, self.library_class)(
+            model,
+            lr=spec.optimizer_option("lr"),
+            weight_decay=spec.optimizer_option("weight_decay"),
+        )
+
 
 @final
 class Lomo(_Lomo):
     """lomo_optim Lomo (plain SGD): no optimizer state."""
 
     name = "lomo"
-
-    def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
-        from lomo_optim import Lomo
-
-        return Lomo(
-            model,
-            lr=spec.optimizer_option("lr"),
-            weight_decay=spec.optimizer_option("weight_decay"),
-        )
+    library_class = "Lomo"
 
 
 @final
@@ -330,15 +332,7 @@ class AdaLomo(_Lomo):
     for every param (trainable or not) and kept in attributes, not in ``state``."""
 
     name = "adalomo"
-
-    def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
-        from lomo_optim import AdaLomo
-
-        return AdaLomo(
-            model,
-            lr=spec.optimizer_option("lr"),
-            weight_decay=spec.optimizer_option("weight_decay"),
-        )
+    library_class = "AdaLomo"
 
     def state_tensors(self, optimizer: Any) -> Iterable[torch.Tensor]:
         for table in (optimizer.exp_avg_sq, optimizer.exp_avg_sq_row, optimizer.exp_avg_sq_col):

@@ -148,12 +148,15 @@ class _PromptLearning(Method):
     """Virtual tokens trained in front of every sequence; the base model is frozen."""
 
     options: Mapping[str, OptionValue] = {"num_virtual_tokens": 20}
-
-    def config(self, spec: StepSpec) -> PeftConfig:
-        raise NotImplementedError
+    config_class: str  # the peft config that differs between the family's members
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
-        return _peft(model, self.config(spec))
+        import peft
+
+        config: PeftConfig = getattr(peft, self.config_class)(
+            task_type="CAUSAL_LM", num_virtual_tokens=spec.method_option("num_virtual_tokens")
+        )
+        return _peft(model, config)
 
     def incompatible(self, spec: StepSpec) -> str | None:
         n = spec.method_option("num_virtual_tokens")
@@ -165,12 +168,7 @@ class Prefix(_PromptLearning):
     """Prefix tuning: trained key/value prefixes in every layer, passed as a cache."""
 
     name = "prefix"
-
-    def config(self, spec: StepSpec) -> PeftConfig:
-        from peft import PrefixTuningConfig
-
-        n = spec.method_option("num_virtual_tokens")
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    config_class = "PrefixTuningConfig"
 
     def incompatible(self, spec: StepSpec) -> str | None:
         if spec.grad_ckpt:
@@ -187,12 +185,7 @@ class PTuning(_PromptLearning):
     """P-tuning: virtual token embeddings produced by peft's prompt encoder (an MLP)."""
 
     name = "p-tuning"
-
-    def config(self, spec: StepSpec) -> PeftConfig:
-        from peft import PromptEncoderConfig
-
-        n = spec.method_option("num_virtual_tokens")
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    config_class = "PromptEncoderConfig"
 
 
 @final
@@ -200,12 +193,7 @@ class Prompt(_PromptLearning):
     """Prompt tuning: trained virtual token embeddings, randomly initialised."""
 
     name = "prompt"
-
-    def config(self, spec: StepSpec) -> PeftConfig:
-        from peft import PromptTuningConfig
-
-        n = spec.method_option("num_virtual_tokens")
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    config_class = "PromptTuningConfig"
 
 
 REGISTER = [Dora(), Pissa(), RsLora(), LoraPlus(), Ia3(), Prefix(), PTuning(), Prompt()]
