@@ -53,9 +53,12 @@ class Breakdown:
 @final
 @dataclasses.dataclass(frozen=True)
 class StepMeasure:
-    peak_bytes: int
+    peak_bytes: int  # the number budgets check (see MemoryResult.peak_source)
     breakdown: Breakdown
     reserved_bytes: int | None = None
+    allocated_bytes: int | None = None
+    nvml_bytes: int | None = None  # the process's device memory as nvidia-smi shows it
+    host_offload_bytes: int = 0  # state offloaded to host memory, not in peak_bytes
 
 
 @dataclasses.dataclass
@@ -98,6 +101,15 @@ class MemoryResult:
     breakdown: Breakdown
     spec: StepSpec | None = None
     reserved_bytes: int | None = None
+    allocated_bytes: int | None = None
+    nvml_bytes: int | None = None
+    # What peak_bytes counts: "storage" (host/fake: tensor storage bytes), or for the GPU
+    # meter "allocated", "reserved" or "nvml".
+    peak_source: str = "storage"
+    host_offload_bytes: int = 0  # peak bytes of state offloaded to host memory
+    ranks: tuple[MemoryResult, ...] = ()  # one result per rank; peak_bytes is their max
+    zero_config: Mapping[str, Any] | None = None  # the DeepSpeed config the step ran with
+    snapshot_path: str | None = None  # GPU memory snapshot (memory_viz), when one was taken
     trainable_params: int = 0
     total_params: int = 0
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -113,6 +125,7 @@ class MemoryResult:
         data["step_peak_bytes"] = list(self.step_peak_bytes)
         data["versions"] = dict(self.versions)
         data["notes"] = list(self.notes)
+        data["ranks"] = [r.to_dict() for r in self.ranks]
         data["schema"] = SCHEMA
         return data
 
@@ -129,6 +142,7 @@ class MemoryResult:
             step_peak_bytes=tuple(data.pop("step_peak_bytes")),
             versions=dict(data.pop("versions", {})),
             notes=tuple(data.pop("notes", ())),
+            ranks=tuple(cls.from_dict(r) for r in data.pop("ranks", ())),
             **data,
         )
 
