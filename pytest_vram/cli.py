@@ -1,4 +1,5 @@
-"""``pytest-vram refresh [pytest args]``: re-record baselines and print what changed."""
+"""``pytest-vram refresh [pytest args]``: re-record baselines and print what changed.
+``pytest-vram build-ops``: build the DeepSpeed ops ZeRO cases load, once, before timed cases."""
 
 from __future__ import annotations
 
@@ -34,11 +35,31 @@ def refresh(pytest_args: Sequence[str]) -> int:
     return int(code)
 
 
+def build_ops() -> int:
+    try:
+        from pytest_vram.zero import build_ops as build
+    except ImportError as exc:
+        print(f"pytest-vram build-ops: {exc}", file=sys.stderr)
+        return 1
+    try:
+        names = build()
+    except ImportError:
+        print(
+            "pytest-vram build-ops: deepspeed is not installed: pip install 'pytest-vram[zero]'",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"pytest-vram build-ops: {', '.join(names) or 'nothing to build on this accelerator'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["refresh"]:
         # Everything after the command goes to pytest untouched, options included.
         return refresh(args[1:])
+    if args == ["build-ops"]:
+        return build_ops()
     parser = argparse.ArgumentParser(
         prog="pytest-vram", description="GPU memory budgets and baselines for fine-tuning steps"
     )
@@ -47,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
         "refresh",
         help="run pytest with --vram-update and the given arguments; print "
         "created/updated/unchanged/unused counts",
+    )
+    sub.add_parser(
+        "build-ops",
+        help="build the DeepSpeed ops ZeRO cases load (cached in TORCH_EXTENSIONS_DIR)",
     )
     parser.parse_args(args)  # only reached for help and usage errors
     return 2

@@ -18,6 +18,7 @@ TERMS: Final[Mapping[str, Callable[[MemoryResult], int]]] = {
     "grads": lambda r: r.breakdown.grad_bytes,
     "optimizer": lambda r: r.breakdown.optimizer_bytes,
     "activations": lambda r: r.breakdown.activation_bytes,
+    "host_offload": lambda r: r.host_offload_bytes,
     # What estimators call model states: what the method and optimizer choose to keep.
     "model_state": lambda r: (
         r.breakdown.param_bytes
@@ -43,9 +44,21 @@ def _mib(nbytes: int) -> str:
 
 
 def _check(a: MemoryResult, b: MemoryResult, term: str, slack: float, strict: bool) -> None:
+    """Per rank when both cases ran the same number of ranks (ZeRO), else the cases' numbers."""
     __tracebackhide__ = True
     if slack < 0:
         raise ValueError(f"slack={slack!r} must be >= 0")
+    if a.ranks and len(a.ranks) == len(b.ranks):
+        for rank, (ra, rb) in enumerate(zip(a.ranks, b.ranks, strict=True)):
+            _check_one(ra, rb, term, slack, strict, f" on rank {rank}")
+    else:
+        _check_one(a, b, term, slack, strict, "")
+
+
+def _check_one(
+    a: MemoryResult, b: MemoryResult, term: str, slack: float, strict: bool, where: str
+) -> None:
+    __tracebackhide__ = True
     left, right = term_bytes(a, term), term_bytes(b, term)
     limit = right * (1 + slack)
     if left < limit or (not strict and left <= limit):
@@ -55,7 +68,7 @@ def _check(a: MemoryResult, b: MemoryResult, term: str, slack: float, strict: bo
     pct = f"{over / right:+.1%}" if right else "n/a"
     allowed = f" (slack {slack:.1%})" if slack else ""
     raise InvariantError(
-        f"expected {term} of [{a.label}] {op} [{b.label}]{allowed}, but "
+        f"expected {term} of [{a.label}] {op} [{b.label}]{where}{allowed}, but "
         f"{_mib(left)} vs {_mib(right)}: {over / 2**20:+.3f} MiB ({pct})"
     )
 

@@ -46,6 +46,14 @@ def _device(text: str) -> str:
     return text
 
 
+def _modules(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in text.replace(",", " ").split() if n)
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise pytest.UsageError(f"--vram-import: {name!r} is not a module name")
+    return names
+
+
 def _flag(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -119,6 +127,13 @@ OPTIONS: Final = (
         _timeout,
         600.0,
     ),
+    _Option(
+        "--vram-import",
+        "modules each case's worker child imports before the step, comma-separated: "
+        "patches of the training stack, method registrations",
+        _modules,
+        (),
+    ),
 )
 
 
@@ -146,6 +161,7 @@ class Settings:
     baselines_dir: Path
     tolerance: float
     timeout_s: float
+    imports: tuple[str, ...] = ()
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -178,4 +194,5 @@ def resolve(config: pytest.Config) -> Settings:
         baselines_dir=base if base.is_absolute() else Path(config.rootpath) / base,
         tolerance=values["vram_tolerance"],
         timeout_s=values["vram_timeout"],
+        imports=values["vram_import"],
     )

@@ -40,12 +40,6 @@ def check_gpu_visible() -> None:
         )
 
 
-def _extensions() -> tuple[str, ...]:
-    from pytest_vram.methods import extension_modules
-
-    return extension_modules()
-
-
 def split_nodeid(nodeid: str) -> tuple[str, str]:
     module, _, test = nodeid.partition("::")
     return module, test
@@ -77,14 +71,14 @@ class Recorder:
         except SpecError as exc:
             error = f"vram.step: {exc}"
         else:
-            return self._run(Job(self._session.settings.device, spec=spec, imports=_extensions()))
+            return self._run(Job(self._session.settings.device, spec=spec, imports=self._imports()))
         pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
     def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
         """Run an importable function in the isolated child under the meter."""
         __tracebackhide__ = True
         job = Job(
-            self._session.settings.device, fn=fn, args=args, kwargs=kwargs, imports=_extensions()
+            self._session.settings.device, fn=fn, args=args, kwargs=kwargs, imports=self._imports()
         )
         try:
             job.check_picklable()
@@ -94,9 +88,22 @@ class Recorder:
             return self._run(job)
         pytest.fail(error, pytrace=False)
 
+    def _imports(self) -> tuple[str, ...]:
+        from pytest_vram.methods import extension_modules
+
+        return self._session.settings.imports + extension_modules()
+
     def _run(self, job: Job) -> MemoryResult:
         __tracebackhide__ = True
-        out = self._session.worker.run(job, self._session.settings.timeout_s)
+        # A spec measured once in a session is not measured again (invariant tests share
+        # cases with the cases' own tests); the meters are deterministic or nearly so.
+        key = (job.meter, job.spec.to_json(), job.imports) if job.spec is not None else None
+        cache = self._session.measured
+        out: MemoryResult | CaseFailure | None = cache.get(key) if key else None
+        if out is None:
+            out = self._session.worker.run(job, self._session.settings.timeout_s)
+            if key and isinstance(out, MemoryResult):
+                cache[key] = out
         if isinstance(out, CaseFailure):
             if out.kind == "unsupported":  # e.g. a library that calls CUDA, on the host meter
                 pytest.skip(f"{out.reason} [{out.label}]")
@@ -113,6 +120,7 @@ class VramSession:
         self.config = config
         self.settings = settings
         self._worker: Worker | None = None
+        self.measured: dict[tuple[str, str, tuple[str, ...]], MemoryResult] = {}
         self._stores: dict[str, BaselineStore] = {}
         self.collected: dict[str, set[str]] = defaultdict(set)  # module -> test ids
         self.modules: dict[str, pytest.Module] = {}

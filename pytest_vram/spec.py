@@ -12,10 +12,15 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final, final
 
-__all__ = ["PRECISIONS", "STAGES", "SpecError", "StepSpec", "check_field"]
+__all__ = ["OFFLOADS", "PRECISIONS", "STAGES", "ZERO_METHODS", "SpecError", "StepSpec", "check_field"]
 
 PRECISIONS: Final = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 STAGES: Final = ("sft", "dpo")
+ZERO_STAGES: Final = (0, 1, 2, 3)
+OFFLOADS: Final = ("none", "optimizer", "param", "both")
+# DeepSpeed wraps a plain torch optimizer; these methods train through it unchanged.
+ZERO_METHODS: Final = ("full", "freeze", "lora", "qlora")
+ZERO_OPTIMIZERS: Final = ("adamw", "sgd")
 
 OptionValue = int | float | str | bool | tuple[str, ...]
 Options = tuple[tuple[str, OptionValue], ...]
@@ -96,6 +101,14 @@ def check_field(name: str, value: object) -> object:
     elif name == "grad_ckpt":
         if not isinstance(value, bool):
             raise SpecError(f"grad_ckpt={value!r} must be True or False")
+    elif name == "zero":
+        if value is not None and (isinstance(value, bool) or value not in ZERO_STAGES):
+            raise SpecError(f"zero={value!r} must be one of 0, 1, 2, 3 (DeepSpeed ZeRO stage) or None")
+    elif name == "offload":
+        if value not in OFFLOADS:
+            raise _known("offload", value, OFFLOADS)
+    elif name == "ranks":
+        return _positive_int(name, value)
     elif name not in ("method_options", "optimizer_options"):
         raise SpecError(f"unknown step argument {name!r}; known: {', '.join(FIELDS)}")
     return value
@@ -104,7 +117,7 @@ def check_field(name: str, value: object) -> object:
 @final
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """One training step to measure. Later issues add zero/offload/ranks fields."""
+    """One training step to measure."""
 
     model: str
     method: str = "full"
@@ -119,6 +132,10 @@ class StepSpec:
     stage: str = "sft"
     method_options: Options = ()
     optimizer_options: Options = ()
+    # DeepSpeed: ZeRO stage (None: no DeepSpeed), what is offloaded to host, ranks (processes).
+    zero: int | None = None
+    offload: str = "none"
+    ranks: int = 1
 
     def __post_init__(self) -> None:
         from pytest_vram import methods
@@ -138,6 +155,30 @@ class StepSpec:
             reason = part.incompatible(self)
             if reason:
                 raise SpecError(f"{self.method} with {self.optimizer}: {reason}")
+        reason = self._zero_incompatible()
+        if reason:
+            raise SpecError(reason)
+
+    def _zero_incompatible(self) -> str | None:
+        if self.zero is None:
+            if self.offload != "none" or self.ranks != 1:
+                return (
+                    f"offload={self.offload!r}, ranks={self.ranks} need DeepSpeed: set zero=0..3"
+                )
+            return None
+        if self.offload in ("param", "both") and self.zero != 3:
+            return f"offload={self.offload!r} offloads parameters, which only ZeRO-3 does; zero={self.zero}"
+        if self.offload == "optimizer" and self.zero == 0:
+            return "offload='optimizer' needs zero >= 1 (ZeRO-0 does not partition the optimizer)"
+        if self.method not in ZERO_METHODS:
+            return f"zero={self.zero} runs methods {', '.join(ZERO_METHODS)}; not {self.method!r}"
+        if self.optimizer not in ZERO_OPTIMIZERS:
+            return f"zero={self.zero} runs optimizers {', '.join(ZERO_OPTIMIZERS)}; not {self.optimizer!r}"
+        if self.stage != "sft":
+            return f"zero={self.zero} runs stage 'sft'; not {self.stage!r}"
+        if self.precision.startswith("amp-"):
+            return f"zero={self.zero} with precision={self.precision!r}: DeepSpeed keeps its own master weights; use bf16, fp16 or fp32"
+        return None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> StepSpec:
@@ -178,6 +219,11 @@ class StepSpec:
         ]
         if self.grad_ckpt:
             parts.append("ckpt")
+        if self.zero is not None:
+            parts.append(f"zero{self.zero}")
+            if self.offload != "none":
+                parts.append(f"offload-{self.offload}")
+            parts.append(f"r{self.ranks}")
         if self.steps != 2:
             parts.append(f"x{self.steps}")
         if self.seed:

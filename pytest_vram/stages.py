@@ -25,8 +25,16 @@ DPO_BETA: Final = 0.1
 
 
 class Sft:
-    def __init__(self, model: torch.nn.Module, spec: StepSpec, device: str) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: StepSpec,
+        device: str,
+        forward: Callable[..., Any] | None = None,
+    ) -> None:
         self.model = model
+        # What the batch goes through: the model, or the DeepSpeed engine around it.
+        self.forward = forward or model
         self.spec = spec
         self.device = device
         config: Any = model.config
@@ -84,13 +92,19 @@ class Sft:
         labels = inputs["input_ids"].clone()
         if "mm_token_type_ids" in inputs:
             labels[inputs["mm_token_type_ids"] != 0] = -100  # no loss on image tokens
-        loss: torch.Tensor = self.model(**inputs, labels=labels).loss
+        loss: torch.Tensor = self.forward(**inputs, labels=labels).loss
         return loss
 
 
 class Dpo(Sft):
-    def __init__(self, model: torch.nn.Module, spec: StepSpec, device: str) -> None:
-        super().__init__(model, spec, device)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: StepSpec,
+        device: str,
+        forward: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__(model, spec, device, forward)
         from trl.trainer.utils import selective_log_softmax
 
         self.selective_log_softmax = selective_log_softmax
@@ -104,7 +118,7 @@ class Dpo(Sft):
     def frozen_models(self) -> list[torch.nn.Module]:
         return [self.reference] if self.reference is not None else []
 
-    def _logps(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logps(self, model: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = inputs["input_ids"]
         # Prompt learning prepends virtual tokens to the logits: keep the input's positions.
         logits = model(**inputs).logits[:, -ids.size(1) : -1]
@@ -121,7 +135,7 @@ class Dpo(Sft):
         return self.inputs(2 * self.spec.batch)
 
     def loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        policy = self._logps(self.model, inputs)
+        policy = self._logps(self.forward, inputs)
         with torch.no_grad(), self._reference_context():
             ref = self._logps(self.reference or self.model, inputs)
         pi_c, pi_r = policy.chunk(2)
@@ -130,7 +144,7 @@ class Dpo(Sft):
         return -torch.nn.functional.logsigmoid(margin).mean()
 
 
-STAGES: Final[Mapping[str, Callable[[torch.nn.Module, StepSpec, str], Sft]]] = {
+STAGES: Final[Mapping[str, type[Sft]]] = {
     "sft": Sft,
     "dpo": Dpo,
 }

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import platform
 from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pytest_vram import methods, stages
 from pytest_vram.meters.base import MemoryResult, Meter, Roles, StepMeasure
 from pytest_vram.spec import StepSpec
+
+if TYPE_CHECKING:
+    from pytest_vram import zero
 
 __all__ = ["library_versions", "mark_step", "measure_fn", "roles_of", "run_step"]
 
@@ -79,6 +83,16 @@ def _autocast(spec: StepSpec, device: str) -> contextlib.AbstractContextManager[
     return contextlib.nullcontext()
 
 
+def _most(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _numel(p: torch.Tensor) -> int:
+    numel: int = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions p.data away
+    return numel
+
+
 def _result(
     label: str,
     spec: StepSpec | None,
@@ -89,7 +103,10 @@ def _result(
 ) -> MemoryResult:
     worst = max(steps, key=lambda s: s.peak_bytes)
     params = list(model.parameters()) if model is not None else []
-    reserved = [s.reserved_bytes for s in steps if s.reserved_bytes is not None]
+    versions = library_versions()
+    meter_versions = getattr(meter, "versions", None)
+    if meter_versions is not None:
+        versions.update(meter_versions())
     return MemoryResult(
         label=label,
         meter=meter.name,
@@ -98,11 +115,15 @@ def _result(
         step_peak_bytes=tuple(s.peak_bytes for s in steps),
         breakdown=worst.breakdown,
         spec=spec,
-        reserved_bytes=max(reserved) if reserved else None,
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params),
-        versions=library_versions(),
-        notes=notes,
+        reserved_bytes=_most([s.reserved_bytes for s in steps]),
+        allocated_bytes=_most([s.allocated_bytes for s in steps]),
+        nvml_bytes=_most([s.nvml_bytes for s in steps]),
+        peak_source=getattr(meter, "peak_source", "storage"),
+        host_offload_bytes=max(s.host_offload_bytes for s in steps),
+        trainable_params=sum(_numel(p) for p in params if p.requires_grad),
+        total_params=sum(_numel(p) for p in params),
+        versions=versions,
+        notes=notes + tuple(getattr(meter, "notes", ())),
     )
 
 
@@ -114,6 +135,36 @@ def _checkpointing_enable(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+class _Plain:
+    """The optimizer as the method built it: the trainer of a case without DeepSpeed."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        spec: StepSpec,
+        method: methods.Method,
+        opt: methods.Optimizer,
+        frozen: Callable[[], Sequence[torch.nn.Module]],
+    ) -> None:
+        self.model, self.optimizer, self.spec = model, optimizer, spec
+        self.method, self.opt, self.frozen = method, opt, frozen
+        self.config: dict[str, Any] | None = None
+        self.forward = model
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        self.opt.backward_step(self.optimizer, loss, self.spec)
+
+    def roles(self) -> Roles:
+        return roles_of(self.model, self.optimizer, self.method, self.opt, self.frozen())
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(self.optimizer)
+
+    def notes(self) -> tuple[str, ...]:
+        return self.opt.notes(self.optimizer)
+
+
 def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
     method = methods.METHODS[spec.method]
     opt = methods.OPTIMIZERS[spec.optimizer]
@@ -121,8 +172,25 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         reason = part.unsupported(spec, meter.device)
         if reason:
             raise methods.Unsupported(reason)
+    if spec.zero is not None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RuntimeError(
+                f"zero={spec.zero} runs DeepSpeed, which is not installed: "
+                "pip install 'pytest-vram[zero]'"
+            )
+        from pytest_vram import zero
+
+        return zero.run_ranks(spec, meter, _run)
+    return _run(spec, meter)
+
+
+def _run(spec: StepSpec, meter: Meter) -> MemoryResult:
+    method = methods.METHODS[spec.method]
+    opt = methods.OPTIMIZERS[spec.optimizer]
     torch.manual_seed(spec.seed)
     steps: list[StepMeasure] = []
+    if hasattr(meter, "snapshot_label"):
+        meter.snapshot_label = spec.label
     with meter:
         model = method.build_model(spec, _DTYPES[spec.precision], meter.device)
         model.config.use_cache = False  # type: ignore[union-attr]  # training: no KV cache
@@ -133,20 +201,28 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         model = method.prepare(model, spec)
         model.train()
         optimizer = method.build_optimizer(model, spec, opt)
-        stage = stages.STAGES[spec.stage](model, spec, meter.device)
+        trainer: _Plain | zero.ZeroTrainer
+        if spec.zero is None:
+            trainer = _Plain(model, optimizer, spec, method, opt, lambda: stage.frozen_models())
+        else:
+            from pytest_vram import zero
+
+            trainer = zero.ZeroTrainer(model, optimizer, spec, meter)
+        stage = stages.STAGES[spec.stage](model, spec, meter.device, trainer.forward)
         for _ in range(spec.steps):
             meter.step_begin()
             inputs = stage.batch()
             with _autocast(spec, meter.device):
                 loss = stage.loss(inputs)
-            opt.backward_step(optimizer, loss, spec)
+            trainer.backward_step(loss)
             # Roles are not kept: holding them would keep this step's gradients alive.
-            roles = roles_of(model, optimizer, method, opt, stage.frozen_models())
-            steps.append(meter.step_end(roles))
-            del roles
-            opt.zero_grad(optimizer)
+            steps.append(meter.step_end(trainer.roles()))
+            trainer.zero_grad()
             del loss, inputs
-        return _result(spec.label, spec, meter, steps, model, opt.notes(optimizer))
+        result = _result(spec.label, spec, meter, steps, model, trainer.notes())
+    # The GPU meter writes its memory snapshot when it exits.
+    snapshot = getattr(meter, "snapshot_path", None)
+    return dataclasses.replace(result, zero_config=trainer.config, snapshot_path=snapshot)
 
 
 @dataclasses.dataclass

@@ -55,8 +55,19 @@ class CaseVerdict:
             lines.append(f"  {name:<{width}}  {gib(nbytes):10.4f} GiB  {nbytes:>16,d} B")
         steps = ", ".join(f"{gib(b):.4f}" for b in r.step_peak_bytes)
         lines.append(f"  per-step peaks (GiB): {steps}")
-        if r.reserved_bytes is not None:
-            lines.append(f"  reserved: {gib(r.reserved_bytes):.4f} GiB")
+        if r.peak_source != "storage":
+            lines.append(f"  the budget checks: {r.peak_source}")
+        for name in ("allocated", "reserved", "nvml"):
+            nbytes = getattr(r, f"{name}_bytes")
+            if nbytes is not None:
+                lines.append(f"  {name}: {gib(nbytes):.4f} GiB")
+        for rank, rr in enumerate(r.ranks):
+            lines.append(
+                f"  rank {rank}: peak {gib(rr.peak_bytes):.4f} GiB, "
+                f"host offload {gib(rr.host_offload_bytes):.4f} GiB"
+            )
+        if r.host_offload_bytes:
+            lines.append(f"  offloaded to host (all ranks): {gib(r.host_offload_bytes):.4f} GiB")
         lines.append(f"  trainable params: {r.trainable_params:,d} of {r.total_params:,d}")
         if self.budget.bytes is not None:
             lines.append(f"  budget: {gib(self.budget.bytes):.4f} GiB")

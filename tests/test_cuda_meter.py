@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from pytest_vram import StepSpec
-from pytest_vram.meters.cuda import CudaMeter, fingerprint_from_name, storage_bytes
+from pytest_vram.meters.base import Roles
+from pytest_vram.meters.cuda import (
+    PEAK_SOURCES,
+    CudaMeter,
+    cudnn_version_string,
+    fingerprint_from_name,
+    snapshot_filename,
+    storage_bytes,
+)
+from pytest_vram.meters.nvml import nvml_unavailable
 from pytest_vram.step import run_step
+
+MIB = 2**20
 
 
 @pytest.mark.parametrize(
@@ -31,6 +47,68 @@ def test_storage_bytes_counts_shared_storage_once() -> None:
     seen: set[int] = set()
     assert storage_bytes([base, view, other], seen) == 4020
     assert storage_bytes([view], seen) == 0  # already counted in another role
+
+
+def test_snapshot_filename_is_the_label_made_safe_and_unique() -> None:
+    name = snapshot_filename("tiny-llama lora adamw bf16 b1 s32")
+    assert re.fullmatch(r"tiny-llama-lora-adamw-bf16-b1-s32-[0-9a-f]{8}\.pickle", name), name
+    assert snapshot_filename("x") != snapshot_filename("x")
+
+
+@pytest.mark.parametrize(
+    "label", ["../../etc/passwd", 'a/b\\c:d*e?f<g>h|i"j', ".hidden", "CON", "ünï cödé", ""]
+)
+def test_snapshot_filename_is_safe_on_any_file_system(label: str) -> None:
+    name = snapshot_filename(label)
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*-[0-9a-f]{8}\.pickle", name), name
+    assert os.path.basename(name) == name
+
+
+def test_snapshot_filename_of_no_label_or_a_long_one() -> None:
+    assert re.fullmatch(r"snapshot-[0-9a-f]{8}\.pickle", snapshot_filename(""))
+    long = snapshot_filename("tiny-llama " * 50)
+    assert len(long) <= 80 + len("-12345678.pickle") and long.startswith("tiny-llama-tiny")
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"), [(90100, "9.1.0"), (90501, "9.5.1"), (8902, "8.9.2"), (8600, "8.6.0")]
+)
+def test_cudnn_version_string(code: int, expected: str) -> None:
+    assert cudnn_version_string(code) == expected
+
+
+def test_peak_source_must_be_known() -> None:
+    assert PEAK_SOURCES == ("allocated", "reserved", "nvml")
+    assert CudaMeter().peak_source == "reserved"
+    assert CudaMeter(peak_source="allocated").peak_source == "allocated"
+    with pytest.raises(ValueError, match="peak_source 'max' is not one of allocated, reserved"):
+        CudaMeter(peak_source="max")
+    with pytest.raises(ValueError, match="peak_source 'nvml' needs sample_nvml=True"):
+        CudaMeter(peak_source="nvml", sample_nvml=False)
+
+
+def test_device_comes_from_local_rank_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert CudaMeter().device == "cuda:0"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    meter = CudaMeter()
+    assert (meter.device_index, meter.device) == (3, "cuda:3")
+    assert CudaMeter(device_index=1).device == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "rank0")
+    with pytest.raises(ValueError, match="LOCAL_RANK='rank0' is not a device index"):
+        CudaMeter()
+    with pytest.raises(ValueError, match="device_index -1 is negative"):
+        CudaMeter(device_index=-1)
+
+
+def test_versions_name_only_what_is_there() -> None:
+    versions = CudaMeter().versions()
+    assert ("torch-cuda" in versions) == (torch.version.cuda is not None)
+    assert (
+        ("nvidia-driver" in versions) == ("cuda-driver" in versions) == (nvml_unavailable() is None)
+    )
+    assert ("cudnn" in versions) == bool(torch.backends.cudnn.version())  # type: ignore[no-untyped-call]
+    assert all(isinstance(v, str) and v for v in versions.values())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no GPU is visible")
@@ -59,5 +137,82 @@ def test_cuda_peak_is_close_to_the_host_meter() -> None:
 
     spec = StepSpec(model="tiny-llama", precision="fp32", batch=2, seq=64)
     host = run_step(spec, HostMeter())
-    cuda = run_step(spec, CudaMeter())
+    cuda = run_step(spec, CudaMeter(peak_source="allocated"))
     assert host.peak_bytes <= cuda.peak_bytes <= host.peak_bytes * 1.25
+
+
+def _step(meter: CudaMeter) -> tuple[torch.Tensor, Roles]:
+    """A step's worth of allocations: 64 MiB of weights, a 64 MiB gradient, 64 MiB of temporaries."""
+    weight = torch.ones(4096, 4096, device=meter.device, requires_grad=True)
+    meter.step_begin()
+    weight.grad = torch.ones_like(weight)
+    x = torch.randn(2048, 4096, device=meter.device)
+    y = x @ weight.detach()
+    del x, y
+    return weight, Roles(params=[weight], buffers=[], grads=[weight.grad], optimizer=[])
+
+
+@pytest.mark.gpu
+def test_peak_sources_order_allocated_reserved_nvml() -> None:
+    for source in PEAK_SOURCES:
+        if source == "nvml" and nvml_unavailable():
+            continue
+        with CudaMeter(peak_source=source) as meter:
+            _weight, roles = _step(meter)
+            m = meter.step_end(roles)
+        assert m.allocated_bytes is not None and m.reserved_bytes is not None
+        assert 192 * MIB <= m.allocated_bytes <= m.reserved_bytes
+        chosen = {
+            "allocated": m.allocated_bytes,
+            "reserved": m.reserved_bytes,
+            "nvml": m.nvml_bytes,
+        }
+        assert m.peak_bytes == chosen[source]
+        assert m.breakdown.param_bytes == m.breakdown.grad_bytes == 64 * MIB
+        assert m.breakdown.total_bytes == m.peak_bytes
+        if nvml_unavailable() is None:
+            # NVML counts the whole process: the reserved blocks plus the CUDA context.
+            assert m.nvml_bytes is not None and m.nvml_bytes >= m.reserved_bytes
+        else:
+            assert m.nvml_bytes is None
+        del _weight, roles
+
+
+@pytest.mark.gpu
+def test_cuda_step_with_the_nvml_peak() -> None:
+    if reason := nvml_unavailable():
+        pytest.fail(f"--gpu runs need NVML: {reason}")
+    spec = StepSpec(model="tiny-llama", precision="fp32", batch=2, seq=64)
+    r = run_step(spec, CudaMeter(peak_source="nvml"))
+    assert r.reserved_bytes is not None and r.peak_bytes > r.reserved_bytes
+    assert r.breakdown.total_bytes == r.peak_bytes
+
+
+@pytest.mark.gpu
+def test_snapshot_is_written_and_loads(tmp_path: Path) -> None:
+    meter = CudaMeter(snapshot_dir=str(tmp_path / "snapshots"))
+    meter.snapshot_label = "tiny case b1"
+    with meter:
+        _weight, roles = _step(meter)
+        meter.step_end(roles)
+    assert meter.snapshot_path is not None
+    path = Path(meter.snapshot_path)
+    assert path.parent == tmp_path / "snapshots" and path.name.startswith("tiny-case-b1-")
+    with path.open("rb") as f:
+        snapshot = pickle.load(f)
+    assert (
+        snapshot["segments"] and snapshot["device_traces"][meter.device_index]
+    )  # what memory_viz draws
+
+
+@pytest.mark.gpu
+def test_gpu_fingerprint_versions_and_visibility() -> None:
+    meter = CudaMeter()
+    assert meter.fingerprint().startswith("nvidia-")
+    versions = meter.versions()
+    assert versions["torch-cuda"] == torch.version.cuda
+    if nvml_unavailable() is None:
+        assert re.fullmatch(r"\d+\.\d+", versions["cuda-driver"])
+    with pytest.raises(RuntimeError, match="is not visible"):
+        with CudaMeter(device_index=torch.cuda.device_count()):
+            pass

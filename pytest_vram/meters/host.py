@@ -8,9 +8,10 @@ breakdown is classified after the step (a gradient is only known to be one once 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, final
 
 import torch
@@ -39,6 +40,12 @@ class StorageLedger:
         # only grows, so it still is the peak set.
         self._peak_pending = False
         self.closed = False
+        # Offloaded state (DeepSpeed's host copies) lives in host memory, outside the device
+        # peak: such storages move from ``_live`` to ``_host``.
+        self._host: dict[int, int] = {}
+        self.host_bytes = 0
+        self.host_peak_bytes = 0
+        self.host_scope = False  # new storages are host memory (an offloaded optimizer step)
 
     def track(self, t: torch.Tensor) -> int | None:
         """Register ``t``'s storage if new; re-read its size (an ``out=`` op may resize it).
@@ -49,7 +56,7 @@ class StorageLedger:
         sid = self._sid_of.get(st._cdata)
         if sid is None:
             return self._register(st)
-        if st.nbytes() != self._live[sid]:
+        if st.nbytes() != self._live.get(sid, self._host.get(sid)):
             self.resized(st)
         return sid
 
@@ -73,6 +80,11 @@ class StorageLedger:
         sid = self._sid_of.get(st._cdata)
         if sid is None:
             return
+        if sid in self._host:
+            self.host_bytes += st.nbytes() - self._host[sid]
+            self._host[sid] = st.nbytes()
+            self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+            return
         old = self._live[sid]
         new = st.nbytes()
         if new < old:
@@ -84,15 +96,36 @@ class StorageLedger:
     def _freed_callback(self, sid: int, key: int) -> Callable[[Any], None]:
         def freed(_ref: Any) -> None:
             if not self.closed:
-                self._snapshot_if_pending()
-                self.live_bytes -= self._live.pop(sid)
+                if sid in self._host:
+                    self.host_bytes -= self._host.pop(sid)
+                else:
+                    self._snapshot_if_pending()
+                    self.live_bytes -= self._live.pop(sid)
                 del self._refs[sid]
                 if self._sid_of.get(key) == sid:
                     del self._sid_of[key]
 
         return freed
 
+    def mark_host(self, t: torch.Tensor) -> None:
+        """``t``'s storage is host memory (offloaded): out of the device total from now on."""
+        sid = self.track(t)
+        if sid is None or sid in self._host:
+            return
+        self._snapshot_if_pending()
+        nbytes = self._live.pop(sid)
+        self.live_bytes -= nbytes
+        self._add_host(sid, nbytes)
+
+    def _add_host(self, sid: int, nbytes: int) -> None:
+        self._host[sid] = nbytes
+        self.host_bytes += nbytes
+        self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+
     def _grow(self, sid: int, nbytes: int) -> None:
+        if self.host_scope:
+            self._add_host(sid, nbytes)
+            return
         self._live[sid] = nbytes
         self.live_bytes += nbytes
         self._note_peak()
@@ -108,6 +141,7 @@ class StorageLedger:
             self._peak_pending = False
 
     def reset_peak(self) -> None:
+        self.host_peak_bytes = self.host_bytes
         self.peak_bytes = self.live_bytes
         self._peak_live = dict(self._live)
         self._peak_pending = False
@@ -117,30 +151,36 @@ class StorageLedger:
         return self._peak_live
 
 
-def classify(ledger: StorageLedger, peak_live: dict[int, int], roles: Roles) -> Breakdown:
+ROLE_ORDER = ("grads", "optimizer", "params", "buffers")
+
+
+def role_sids(ledger: StorageLedger, roles: Roles) -> dict[str, set[int]]:
+    """Storage ids by role (registering storages not seen yet)."""
+    out: dict[str, set[int]] = {}
+    for role in ROLE_ORDER:
+        sids = (ledger.track(t) for t in getattr(roles, role))
+        out[role] = {sid for sid in sids if sid is not None}
+    return out
+
+
+def classify(peak_live: dict[int, int], sids: dict[str, set[int]]) -> Breakdown:
     """Split the peak's live set by role; a storage counts once, in the first role that holds it."""
     seen: set[int] = set()
-
-    def total(tensors: Iterable[torch.Tensor]) -> int:
-        nbytes = 0
-        for t in tensors:
-            sid = ledger.track(t)
-            if sid is not None and sid in peak_live and sid not in seen:
-                seen.add(sid)
-                nbytes += peak_live[sid]
-        return nbytes
-
-    grad = total(roles.grads)
-    opt = total(roles.optimizer)
-    param = total(roles.params)
-    buffer = total(roles.buffers)
+    nbytes: dict[str, int] = {}
+    for role in ROLE_ORDER:
+        mine = (sids.get(role, set()) & peak_live.keys()) - seen
+        seen |= mine
+        nbytes[role] = sum(peak_live[sid] for sid in mine)
     return Breakdown(
-        param_bytes=param,
-        buffer_bytes=buffer,
-        grad_bytes=grad,
-        optimizer_bytes=opt,
-        activation_bytes=sum(peak_live.values()) - grad - opt - param - buffer,
+        param_bytes=nbytes["params"],
+        buffer_bytes=nbytes["buffers"],
+        grad_bytes=nbytes["grads"],
+        optimizer_bytes=nbytes["optimizer"],
+        activation_bytes=sum(peak_live.values()) - sum(nbytes.values()),
     )
+
+
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
 class _Watch(TorchDispatchMode):
@@ -155,7 +195,9 @@ class _Watch(TorchDispatchMode):
         if kwargs:
             _walk(tuple(kwargs.values()), ledger.seen)
         out = func(*args, **(kwargs or {}))
-        if not func.is_view:  # a view's storage is its input's, just seen
+        # A view's storage is its input's, just seen; but under FakeTensorMode lift_fresh (the
+        # view torch.tensor(data) goes through) returns a fake copy: a storage of its own.
+        if not func.is_view or func is _LIFT_FRESH:
             _walk(out, ledger.track)
         return out
 
@@ -184,6 +226,7 @@ class HostMeter:
         self.ledger = StorageLedger()
         self._mode = _Watch(self.ledger)
         self._orig_resize: Callable[..., Any] | None = None
+        self._noted: dict[str, set[int]] = {}
 
     def fingerprint(self) -> str:
         return "host-cpu"
@@ -210,7 +253,35 @@ class HostMeter:
 
     def step_begin(self) -> None:
         self.ledger.reset_peak()
+        self._noted = {}
+
+    def note(self, roles: Roles) -> None:
+        """Roles of tensors that may be gone by step_end (DeepSpeed frees its gradient
+        partitions inside the step): they still count in their role if live at the peak."""
+        for role, sids in role_sids(self.ledger, roles).items():
+            self._noted.setdefault(role, set()).update(sids)
+
+    def offloaded(self, tensors: Iterable[torch.Tensor]) -> None:
+        """These tensors live in host memory (offloaded state), not on the device."""
+        for t in tensors:
+            self.ledger.mark_host(t)
+
+    @contextlib.contextmanager
+    def host_scope(self) -> Iterator[None]:
+        """Everything allocated inside runs on the host (an offloaded optimizer step)."""
+        self.ledger.host_scope = True
+        try:
+            yield
+        finally:
+            self.ledger.host_scope = False
 
     def step_end(self, roles: Roles) -> StepMeasure:
         peak_live = self.ledger.peak_live()
-        return StepMeasure(self.ledger.peak_bytes, classify(self.ledger, peak_live, roles))
+        sids = role_sids(self.ledger, roles)
+        for role, noted in self._noted.items():
+            sids[role] |= noted
+        return StepMeasure(
+            self.ledger.peak_bytes,
+            classify(peak_live, sids),
+            host_offload_bytes=self.ledger.host_peak_bytes,
+        )

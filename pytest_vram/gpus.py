@@ -1,0 +1,178 @@
+"""Which GPUs each pytest-xdist worker may use under ``pytest -n K --gpu``: pure functions.
+
+Workers measure at the same time, so each gets its own disjoint GPUs: on a shared device a case
+could run out of memory because of a neighbour's allocations, and the device-wide NVML reading
+(the fallback in containers and on MIG) would count the neighbour's memory. The controller's
+visible GPUs (``CUDA_VISIBLE_DEVICES``, or all of them) are cut into ``K`` contiguous blocks,
+the first blocks one GPU larger when ``K`` does not divide the count; each worker then sets
+``CUDA_VISIBLE_DEVICES`` to its block (``worker_env``) before anything in it touches CUDA, so
+inside a worker its GPUs are ``cuda:0..n-1`` and a case with ``ranks=n`` puts one rank on each.
+
+Nothing here imports torch or reads the environment itself: callers pass ``os.environ`` and the
+number of GPUs on the machine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+__all__ = [
+    "VISIBLE",
+    "devices_for_worker",
+    "skip_reason",
+    "split_devices",
+    "visible_devices",
+    "worker_env",
+]
+
+VISIBLE: Final = "CUDA_VISIBLE_DEVICES"
+MASTER: Final = "master"  # pytest-xdist's worker_id outside any worker (no -n, or -n 0)
+_WORKER_ID: Final = re.compile(r"gw(\d+)")
+_UUID_PREFIXES: Final = ("GPU-", "MIG-")
+# "-1": CUDA stops reading the list at an invalid entry; this one is the usual way to hide GPUs.
+_HIDE: Final = re.compile(r"-\d+")
+
+
+def visible_devices(env: Mapping[str, str], count: int) -> list[str]:
+    """The GPUs CUDA will number ``0..n-1`` in a process with this environment, as list entries.
+
+    ``count`` is how many GPUs the driver lists, ignoring ``CUDA_VISIBLE_DEVICES``
+    (``nvidia-smi -L``, NVML's device count); it is used when the variable is unset and to
+    check integer entries. Unset: ``["0", ..., str(count - 1)]``. Empty: ``[]`` (no GPU).
+    Otherwise the comma-separated entries, each a device index or a ``GPU-``/``MIG-`` UUID
+    (or a unique prefix of one), in their order. A negative entry such as ``-1`` ends the
+    list, as CUDA does. Entries CUDA would silently drop along with everything after them
+    (a typo, an index beyond ``count``, a repeat) are a ValueError naming the entry and the
+    whole value: a worker given a GPU that does not exist would measure on fewer than asked.
+    """
+    if count < 0:
+        raise ValueError(f"GPU count {count} is negative")
+    raw = env.get(VISIBLE)
+    if raw is None:
+        return [str(i) for i in range(count)]
+    if not raw.strip():
+        return []
+    devices: list[str] = []
+    for part in raw.split(","):
+        entry = part.strip()
+        if _HIDE.fullmatch(entry):
+            break
+        if entry.isdigit():
+            if int(entry) >= count:
+                has = f"{count} GPU(s) (0..{count - 1})" if count else "no GPU"
+                raise ValueError(
+                    f"{VISIBLE}={raw!r} lists GPU {entry}, but this machine has {has}; "
+                    "CUDA would ignore it and every entry after it"
+                )
+            entry = str(int(entry))  # "01" and "1" are the same device
+        elif not (entry.startswith(_UUID_PREFIXES) and len(entry) > len("GPU-")):
+            raise ValueError(
+                f"{VISIBLE}={raw!r}: entry {entry!r} is neither a GPU index nor a GPU-/MIG- UUID; "
+                "CUDA would ignore it and every entry after it"
+            )
+        if entry in devices:
+            raise ValueError(f"{VISIBLE}={raw!r} lists GPU {entry} twice")
+        devices.append(entry)
+    return devices
+
+
+def split_devices(visible: Sequence[str], workers: int) -> list[list[str]]:
+    """``visible`` cut into ``workers`` disjoint contiguous blocks, every one non-empty.
+
+    Contiguous rather than round-robin: neighbouring indices usually share a PCIe switch or an
+    NVLink bridge, which the ranks of one worker's multi-GPU cases talk over. With 8 GPUs and
+    3 workers the blocks hold 3, 3 and 2. Fewer GPUs than workers is a ValueError naming both.
+    """
+    if workers < 1:
+        raise ValueError(f"number of xdist workers must be >= 1, got {workers}")
+    repeated = sorted(d for d, n in Counter(visible).items() if n > 1)
+    if repeated:
+        raise ValueError(f"GPU list {list(visible)} repeats {', '.join(repeated)}")
+    if not visible:
+        raise ValueError(f"no GPU visible for {workers} xdist worker(s)")
+    if len(visible) < workers:
+        raise ValueError(
+            f"{len(visible)} GPU(s) visible for {workers} xdist workers: each worker needs a GPU "
+            f"of its own; run with -n {len(visible)} or fewer"
+        )
+    size, extra = divmod(len(visible), workers)
+    blocks: list[list[str]] = []
+    start = 0
+    for index in range(workers):
+        end = start + size + (1 if index < extra else 0)
+        blocks.append(list(visible[start:end]))
+        start = end
+    return blocks
+
+
+def _worker_index(worker_id: str) -> int | None:
+    """``"gw3"`` -> 3, ``"master"`` -> None; anything else is a ValueError naming it."""
+    if worker_id == MASTER:
+        return None
+    match = _WORKER_ID.fullmatch(worker_id)
+    if match is None:
+        raise ValueError(f"xdist worker id {worker_id!r} is neither 'master' nor 'gw<N>'")
+    return int(match.group(1))
+
+
+def devices_for_worker(worker_id: str, visible: Sequence[str], workers: int) -> list[str]:
+    """The GPUs of ``worker_id`` (``"gw3"``; ``"master"`` outside xdist gets all of ``visible``).
+
+    xdist numbers a worker that replaces a crashed one past the count (``gw4`` of 4 workers);
+    it takes the block of ``gw<N mod workers>``, shared with that worker for the rest of the run.
+    """
+    index = _worker_index(worker_id)
+    if index is None:
+        return list(visible)
+    return split_devices(visible, workers)[index % workers]
+
+
+def worker_env(worker_id: str, workers: int, env: Mapping[str, str], count: int) -> dict[str, str]:
+    """The variables to set in an xdist worker before anything in it touches CUDA.
+
+    ``{"CUDA_VISIBLE_DEVICES": "2,3"}`` for a worker; ``{}`` for ``"master"`` (no xdist: the
+    environment stays as the user set it). ``env`` is the controller's environment, which xdist
+    workers inherit; ``workers`` and ``worker_id`` come from ``config.workerinput``
+    (``workercount``, ``workerid``). It must be applied before the worker's forkserver starts,
+    since the measuring children inherit the forkserver's environment. Errors name the
+    variable's value and the numbers involved.
+    """
+    if _worker_index(worker_id) is None:
+        return {}
+    visible = visible_devices(env, count)
+    try:
+        devices = devices_for_worker(worker_id, visible, workers)
+    except ValueError as exc:
+        source = (
+            f"{VISIBLE}={env[VISIBLE]!r}"
+            if VISIBLE in env
+            else f"{VISIBLE} unset, {count} GPU(s) on this machine"
+        )
+        raise ValueError(f"pytest -n {workers} --gpu: {exc} ({source})") from None
+    return {VISIBLE: ",".join(devices)}
+
+
+def skip_reason(
+    ranks_needed: int, devices: Sequence[str], worker_id: str | None = None
+) -> str | None:
+    """None when ``devices`` can hold a case of ``ranks_needed`` ranks (one GPU each), else why not.
+
+    ``"needs 4 GPUs, this xdist worker has 2 (CUDA_VISIBLE_DEVICES='2,3')"`` plus what to change.
+    ``worker_id`` (``"gw1"``, ``"master"``) makes the message name the worker.
+    """
+    if ranks_needed < 1:
+        raise ValueError(f"ranks_needed must be >= 1, got {ranks_needed}")
+    if ranks_needed <= len(devices):
+        return None
+    index = None if worker_id is None else _worker_index(worker_id)
+    if worker_id == MASTER:
+        who, hint = "this run has", "make more GPUs visible"
+    else:
+        who = "this xdist worker has" if index is None else f"xdist worker {worker_id} has"
+        hint = "run with fewer xdist workers (-n) so each gets more GPUs"
+    noun = "GPU" if ranks_needed == 1 else "GPUs"
+    value = ",".join(devices)
+    return f"needs {ranks_needed} {noun}, {who} {len(devices)} ({VISIBLE}={value!r}); {hint}"
