@@ -317,11 +317,11 @@ def run_ranks(
         # Whichever rank fails first is the error: its peers may wait in a collective forever.
         waiting = dict(enumerate(conns))
         while waiting:
-            for conn in multiprocessing.connection.wait(list(waiting.values())):
-                rank = next(r for r, c in waiting.items() if c is conn)
-                del waiting[rank]
+            for ready in multiprocessing.connection.wait(list(waiting.values())):
+                rank = next(r for r, c in waiting.items() if c is ready)
+                conn = waiting.pop(rank)
                 try:
-                    kind, payload = conn.recv()  # type: ignore[union-attr]
+                    kind, payload = conn.recv()
                 except EOFError:
                     _, status = os.waitpid(pids[rank], 0)
                     pids[rank] = 0
