@@ -14,10 +14,15 @@ number of GPUs on the machine.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import Any, Final
+
+import pytest
 
 __all__ = [
     "VISIBLE",
@@ -176,3 +181,39 @@ def skip_reason(
     noun = "GPU" if ranks_needed == 1 else "GPUs"
     value = ",".join(devices)
     return f"needs {ranks_needed} {noun}, {who} {len(devices)} ({VISIBLE}={value!r}); {hint}"
+
+
+# -- the plugin's side: these read the process environment and ask a fresh interpreter --------
+
+
+def _gpu_count() -> int:
+    """GPUs on the machine, whatever CUDA_VISIBLE_DEVICES says; asked of a fresh interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != VISIBLE}
+    code = "import torch; print(torch.cuda.device_count())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return int(proc.stdout.strip() or 0)
+
+
+def assign_gpus(workerinput: dict[str, Any] | None) -> list[str]:
+    """The GPUs this process measures on. An xdist worker takes its own share (and sets
+    CUDA_VISIBLE_DEVICES before its worker children exist), so no two workers share a GPU."""
+    count = _gpu_count()
+    if workerinput is not None:
+        try:
+            env = worker_env(workerinput["workerid"], workerinput["workercount"], os.environ, count)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        os.environ.update(env)
+    return visible_devices(os.environ, count)
+
+
+def check_gpu_visible() -> None:
+    """Ask a fresh interpreter, so this process never initialises CUDA before forking."""
+    code = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1:] or ["torch.cuda.is_available() is False"]
+        raise pytest.UsageError(
+            f"--gpu was given but no GPU is visible to torch ({detail[0]}); "
+            "run without --gpu to measure on the host meter"
+        )

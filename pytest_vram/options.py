@@ -54,6 +54,16 @@ def _modules(text: str) -> tuple[str, ...]:
     return names
 
 
+def _peak_source(text: str) -> str:
+    from pytest_vram.meters.base import PEAK_SOURCES
+
+    if text not in PEAK_SOURCES:
+        raise pytest.UsageError(
+            f"--vram-peak-source={text!r}; choose one of: {', '.join(PEAK_SOURCES)}"
+        )
+    return text
+
+
 def _flag(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -128,6 +138,20 @@ OPTIONS: Final = (
         600.0,
     ),
     _Option(
+        "--vram-peak-source",
+        "GPU number the budget checks: allocated (torch tensors), reserved (torch's caching "
+        "allocator, default) or nvml (the process's device memory, as nvidia-smi shows it)",
+        _peak_source,
+        "reserved",
+    ),
+    _Option(
+        "--vram-json",
+        "write every measured case (result, verdict, baseline) to this JSON file; memory "
+        "snapshots of failing GPU cases go to a snapshots/ folder beside it",
+        str,
+        None,
+    ),
+    _Option(
         "--vram-import",
         "modules each case's worker child imports before the step, comma-separated: "
         "patches of the training stack, method registrations",
@@ -162,6 +186,14 @@ class Settings:
     tolerance: float
     timeout_s: float
     imports: tuple[str, ...] = ()
+    peak_source: str = "reserved"
+    json_path: Path | None = None
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Where memory snapshots of failing GPU cases are kept."""
+        base = self.json_path.parent if self.json_path else self.baselines_dir.parent / ".vram-report"
+        return base / "snapshots"
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -195,4 +227,11 @@ def resolve(config: pytest.Config) -> Settings:
         tolerance=values["vram_tolerance"],
         timeout_s=values["vram_timeout"],
         imports=values["vram_import"],
+        peak_source=values["vram_peak_source"],
+        json_path=_rooted(config, values["vram_json"]) if values["vram_json"] else None,
     )
+
+
+def _rooted(config: pytest.Config, text: str) -> Path:
+    path = Path(text)
+    return path if path.is_absolute() else Path(config.invocation_params.dir) / path

@@ -9,7 +9,7 @@ import pytest
 from pytest_vram import methods
 from pytest_vram.marker import MARKER
 from pytest_vram.options import add_options, resolve
-from pytest_vram.session import Recorder, VramSession, check_gpu_visible
+from pytest_vram.session import Recorder, VramSession, assign_gpus, check_gpu_visible
 
 SESSION: Final = pytest.StashKey[VramSession]()
 _REGISTRY: Final = pytest.StashKey[methods.Snapshot]()
@@ -41,6 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if settings.gpu and not hasattr(config, "workerinput"):
         check_gpu_visible()
     session = VramSession(config, settings)
+    if settings.gpu:
+        session.gpu_devices = assign_gpus(getattr(config, "workerinput", None))
     config.stash[SESSION] = session
     config.pluginmanager.register(session, "vram-session")
 

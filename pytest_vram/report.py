@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, final
 
 from pytest_vram.meters.base import gib
 
-__all__ = ["Summary"]
+__all__ = ["Summary", "write_json"]
 
 
 def _gib(nbytes: int | None) -> str:
@@ -83,3 +86,19 @@ def _table(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
     yield fmt(header)
     for cells in body:
         yield fmt(cells)
+
+
+def write_json(path: Path, summary: Summary, errors: Sequence[str]) -> None:
+    """The run as JSON for CI artifacts: every case's row with its full result. Written to a
+    temporary file and renamed, so a reader never sees half a report."""
+    data = {
+        "schema": 1,
+        "cases": summary.rows,
+        "counts": dict(summary.counts()),
+        "unused": summary.unused,
+        "errors": list(errors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)

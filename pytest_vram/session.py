@@ -2,42 +2,32 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import shutil
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Final, final
 
 import pytest
 
-from pytest_vram import invariants
+from pytest_vram import gpus, invariants
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
+from pytest_vram.gpus import assign_gpus, check_gpu_visible
 from pytest_vram.marker import MARKER, MarkerArgs, parse_marker
 from pytest_vram.meters.base import MemoryResult
 from pytest_vram.options import Settings
-from pytest_vram.report import Summary
+from pytest_vram.report import Summary, write_json
 from pytest_vram.spec import SpecError, StepSpec
 from pytest_vram.verdict import Budget, CaseVerdict, judge
 from pytest_vram.worker import CaseFailure, Job, Worker
 
-__all__ = ["RESULTS", "Recorder", "VramSession"]
+__all__ = ["RESULTS", "Recorder", "VramSession", "assign_gpus", "check_gpu_visible"]
 
 MARKER_ARGS: Final = pytest.StashKey[MarkerArgs]()
 RESULTS: Final = pytest.StashKey[list[MemoryResult]]()
 _PROPERTY: Final = "vram"
 # Host baselines need no probe of the device; cuda fingerprints come back with the first result.
 _STATIC_FINGERPRINTS: Final = {"host": "host-cpu"}
-
-
-def check_gpu_visible() -> None:
-    """Ask a fresh interpreter, so this process never initialises CUDA before forking."""
-    code = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1:] or ["torch.cuda.is_available() is False"]
-        raise pytest.UsageError(
-            f"--gpu was given but no GPU is visible to torch ({detail[0]}); "
-            "run without --gpu to measure on the host meter"
-        )
 
 
 def split_nodeid(nodeid: str) -> tuple[str, str]:
@@ -71,15 +61,19 @@ class Recorder:
         except SpecError as exc:
             error = f"vram.step: {exc}"
         else:
-            return self._run(Job(self._session.settings.device, spec=spec, imports=self._imports()))
+            devices = self._session.gpu_devices
+            if devices is not None:
+                worker = getattr(self._item.config, "workerinput", {}).get("workerid", "master")
+                reason = gpus.skip_reason(spec.ranks, devices, worker)
+                if reason:
+                    pytest.skip(f"{reason} [{spec.label}]")
+            return self._run(self._session.job(spec=spec, imports=self._imports()))
         pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
     def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
         """Run an importable function in the isolated child under the meter."""
         __tracebackhide__ = True
-        job = Job(
-            self._session.settings.device, fn=fn, args=args, kwargs=kwargs, imports=self._imports()
-        )
+        job = self._session.job(fn=fn, args=args, kwargs=kwargs, imports=self._imports())
         try:
             job.check_picklable()
         except SpecError as exc:
@@ -121,6 +115,8 @@ class VramSession:
         self.settings = settings
         self._worker: Worker | None = None
         self.measured: dict[tuple[str, str, tuple[str, ...]], MemoryResult] = {}
+        self._snapshot_tmp: str | None = None
+        self.gpu_devices: list[str] | None = None  # with --gpu: the GPUs this process may use
         self._stores: dict[str, BaselineStore] = {}
         self.collected: dict[str, set[str]] = defaultdict(set)  # module -> test ids
         self.modules: dict[str, pytest.Module] = {}
@@ -131,6 +127,27 @@ class VramSession:
         self.devices: set[str] = set()
         if settings.device in _STATIC_FINGERPRINTS:
             self.devices.add(_STATIC_FINGERPRINTS[settings.device])
+
+    def job(self, **fields: Any) -> Job:
+        options: dict[str, Any] = {}
+        if self.settings.device == "cuda":
+            if self._snapshot_tmp is None:
+                self._snapshot_tmp = tempfile.mkdtemp(prefix="pytest-vram-snapshots-")
+            options = {"peak_source": self.settings.peak_source, "snapshot_dir": self._snapshot_tmp}
+        return Job(self.settings.device, meter_options=options, **fields)
+
+    def keep_snapshot(self, result: MemoryResult, failed: bool) -> str | None:
+        """A failing GPU case keeps its memory snapshot in the report's folder; others drop it."""
+        path = Path(result.snapshot_path) if result.snapshot_path else None
+        if path is None or not path.exists():
+            return None
+        if not failed:
+            path.unlink()
+            return None
+        target = self.settings.snapshots_dir / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, target)
+        return str(target)
 
     @property
     def worker(self) -> Worker:
@@ -192,8 +209,16 @@ class VramSession:
             return report
         for verdict in verdicts:
             report.sections.append((f"vram {verdict.result.label}", verdict.section()))
-            report.user_properties.append((_PROPERTY, verdict.row()))
+            row = verdict.row()
+            snapshot = self.keep_snapshot(verdict.result, verdict.failed)
+            row["snapshot"] = snapshot
+            report.user_properties.append((_PROPERTY, row))
             reasons.extend(verdict.reasons)
+            if snapshot:
+                reasons.append(
+                    f"memory snapshot of [{verdict.result.label}]: {snapshot} "
+                    "(open it in https://pytorch.org/memory_viz)"
+                )
         if reasons and report.passed:
             report.outcome = "failed"
             report.longrepr = "\n".join(reasons)
@@ -305,6 +330,13 @@ class VramSession:
         if workeroutput is not None:  # an xdist worker: the controller prints the summary
             workeroutput["vram_unused"] = self.summary.unused
             workeroutput["vram_errors"] = self.errors
+        if self._snapshot_tmp is not None:
+            shutil.rmtree(self._snapshot_tmp, ignore_errors=True)
+        if workeroutput is None and self.settings.json_path is not None:
+            try:
+                write_json(self.settings.json_path, self.summary, self.errors)
+            except OSError as exc:
+                self.errors.append(f"--vram-json: cannot write {self.settings.json_path}: {exc}")
         if self.errors:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -88,6 +88,8 @@ class CaseVerdict:
             "failed": self.failed,
             "action": self.action,
             "notes": list(self.notes),
+            "reasons": list(self.reasons),
+            "result": self.result.to_dict(),
         }
 
 

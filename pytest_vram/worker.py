@@ -51,6 +51,7 @@ class Job:
 
     meter: str
     spec: StepSpec | None = None
+    meter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     fn: Callable[..., Any] | None = None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -102,10 +103,13 @@ def _execute(job: Job) -> MemoryResult:
     from pytest_vram.meters import make_meter
     from pytest_vram.step import measure_fn, run_step
 
+    if job.meter != "cuda":
+        # DeepSpeed picks its accelerator once, at import: an imported patch must not pick CUDA.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for module in job.imports:
         importlib.import_module(module)
 
-    meter = make_meter(job.meter)
+    meter = make_meter(job.meter, **job.meter_options)
     if job.spec is not None:
         return run_step(job.spec, meter)
     assert job.fn is not None

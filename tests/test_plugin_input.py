@@ -147,7 +147,7 @@ def test_bad_step_message_is_shown_once(vram_project) -> None:
         ),
         (["--vram-tolerance=abc"], {}, "ERROR: --vram-tolerance='abc' is not a number"),
         (["--vram-timeout=0"], {}, "ERROR: --vram-timeout='0' must be a number of seconds > 0"),
-        (["--vram-device=tpu"], {}, "ERROR: --vram-device='tpu'; choose one of: host, cuda"),
+        (["--vram-device=tpu"], {}, "ERROR: --vram-device='tpu'; choose one of: host, cuda, fake"),
         (
             [],
             {"vram_tolerance": "abc"},

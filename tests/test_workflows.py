@@ -38,7 +38,7 @@ DOCS = ROOT / "docs" / "gpu.md"
 GPU_LABELS = ["self-hosted", "linux", "gpu"]  # documented in both GPU workflows and docs/gpu.md
 GPU_WORKFLOWS = ("gpu.yml", "refresh-baselines.yml")
 # Options the lead is wiring into options.py now; a workflow may use them already.
-PENDING_OPTIONS = {"--vram-json"}
+PENDING_OPTIONS: set[str] = set()
 
 # owner/repo[/path]@vMAJOR[.MINOR[.PATCH]] or a full commit SHA; never a branch.
 PINNED = re.compile(r"[\w.-]+/[\w.-]+(/[\w./-]+)?@(v\d+(\.\d+){0,2}|[0-9a-f]{40})")
@@ -201,7 +201,7 @@ def test_command_checker_catches_missing_commands() -> None:
         )
     )
     assert command_problems(doc) == [
-        "pytest-vram has no subcommand 'refrsh' (has: ['refresh'])",
+        "pytest-vram has no subcommand 'refrsh' (has: ['build-ops', 'refresh'])",
         "bash .ci/nope: no such file",
         "extra 'cuda' is not in pyproject",
         "--vram-tolerence is not a pytest-vram option",

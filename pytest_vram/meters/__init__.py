@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pytest_vram.meters.base import Meter
 
 __all__ = ["METERS", "make_meter"]
 
-METERS = ("host", "cuda")
+METERS = ("host", "cuda", "fake")
 
 
-def make_meter(name: str) -> Meter:
+def make_meter(name: str, **options: Any) -> Meter:
+    """``options`` configure the cuda meter (peak_source, snapshot_dir); others take none."""
+    if options and name != "cuda":
+        raise ValueError(f"the {name} meter takes no options; got {', '.join(sorted(options))}")
     if name == "host":
         from pytest_vram.meters.host import HostMeter
 
@@ -17,5 +22,9 @@ def make_meter(name: str) -> Meter:
     if name == "cuda":
         from pytest_vram.meters.cuda import CudaMeter
 
-        return CudaMeter()
+        return CudaMeter(**options)
+    if name == "fake":
+        from pytest_vram.meters.fake import FakeMeter
+
+        return FakeMeter()
     raise ValueError(f"unknown meter {name!r}; known: {', '.join(METERS)}")

@@ -17,9 +17,12 @@ if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
-__all__ = ["GIB", "Breakdown", "MemoryResult", "Meter", "Roles", "StepMeasure", "gib"]
+__all__ = ["GIB", "PEAK_SOURCES", "Breakdown", "MemoryResult", "Meter", "Roles", "StepMeasure", "gib"]
 
 GIB: Final = 2**30
+# What the GPU meter's peak_bytes can count: torch's tensors, its caching allocator, or NVML's
+# view of the process (what nvidia-smi shows).
+PEAK_SOURCES: Final = ("allocated", "reserved", "nvml")
 SCHEMA: Final = 1
 
 

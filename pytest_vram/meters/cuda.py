@@ -19,7 +19,7 @@ from typing import Final, final
 
 import torch
 
-from pytest_vram.meters.base import Breakdown, Roles, StepMeasure
+from pytest_vram.meters.base import PEAK_SOURCES, Breakdown, Roles, StepMeasure
 from pytest_vram.meters.nvml import (
     NvmlSampler,
     device_info,
@@ -37,7 +37,6 @@ __all__ = [
     "storage_bytes",
 ]
 
-PEAK_SOURCES: Final = ("allocated", "reserved", "nvml")
 # Alloc/free events a snapshot keeps (a ring buffer); each is a few KB with its stack.
 SNAPSHOT_MAX_ENTRIES: Final = 100_000
 
