@@ -149,6 +149,12 @@ def test_bad_step_message_is_shown_once(vram_project) -> None:
         (["--vram-timeout=0"], {}, "ERROR: --vram-timeout='0' must be a number of seconds > 0"),
         (["--vram-device=tpu"], {}, "ERROR: --vram-device='tpu'; choose one of: host, cuda, fake"),
         (
+            ["--vram-peak-source=max"],
+            {},
+            "ERROR: --vram-peak-source='max'; choose one of: allocated, reserved, nvml",
+        ),
+        (["--vram-import=my-patch"], {}, "ERROR: --vram-import: 'my-patch' is not a module name"),
+        (
             [],
             {"vram_tolerance": "abc"},
             "ERROR: ini vram_tolerance = 'abc': --vram-tolerance='abc' is not a number",
