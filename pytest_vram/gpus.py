@@ -198,13 +198,13 @@ def assign_gpus(workerinput: dict[str, Any] | None) -> list[str]:
     """The GPUs this process measures on. An xdist worker takes its own share (and sets
     CUDA_VISIBLE_DEVICES before its worker children exist), so no two workers share a GPU."""
     count = _gpu_count()
-    if workerinput is not None:
-        try:
-            env = worker_env(workerinput["workerid"], workerinput["workercount"], os.environ, count)
-        except ValueError as exc:
-            raise pytest.UsageError(str(exc)) from None
-        os.environ.update(env)
-    return visible_devices(os.environ, count)
+    try:
+        if workerinput is not None:
+            wid, workers = workerinput["workerid"], workerinput["workercount"]
+            os.environ.update(worker_env(wid, workers, os.environ, count))
+        return visible_devices(os.environ, count)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def check_gpu_visible() -> None:

@@ -273,8 +273,9 @@ def _rank_main(
         )
         on_gpu = meter.device.startswith("cuda")
         _use_cpu_accelerator(on_gpu)
-        if hasattr(meter, "device_index"):
-            meter.device_index = rank  # each rank on its own device
+        if on_gpu:  # each rank on its own device
+            meter.device_index = rank  # type: ignore[attr-defined]
+            meter.device = f"cuda:{rank}"
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")

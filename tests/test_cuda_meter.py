@@ -49,6 +49,20 @@ def test_storage_bytes_counts_shared_storage_once() -> None:
     assert storage_bytes([view], seen) == 0  # already counted in another role
 
 
+def test_storage_bytes_on_the_device_skips_host_tensors() -> None:
+    host = torch.zeros(1000)  # offloaded state, say
+    assert storage_bytes([host], set(), "cuda") == 0
+    assert storage_bytes([host], set(), "cpu") == 4000
+
+
+def test_offloaded_host_tensors_are_host_bytes_once_each() -> None:
+    meter = CudaMeter(sample_nvml=False)
+    state = torch.zeros(1000)
+    meter.offloaded([state, state[:10], torch.zeros(10, dtype=torch.bfloat16)])
+    meter.offloaded([state])  # noted again after the next step: not counted twice
+    assert sum(meter._host.values()) == 4020
+
+
 def test_snapshot_filename_is_the_label_made_safe_and_unique() -> None:
     name = snapshot_filename("tiny-llama lora adamw bf16 b1 s32")
     assert re.fullmatch(r"tiny-llama-lora-adamw-bf16-b1-s32-[0-9a-f]{8}\.pickle", name), name

@@ -248,7 +248,7 @@ def test_gpu_workflows_cache_op_builds_and_keep_reports(name: str) -> None:
     set_dir = next(i for i, r in enumerate(runs) if "TORCH_EXTENSIONS_DIR=" in r)
     assert set_dir < list(steps(doc)).index(cache), "the cache path is set before the cache step"
     assert any('pip install -e ".[$EXTRAS]"' in r for r in runs)
-    assert set(doc["env"]["EXTRAS"].split(",")) >= {"test", "gpu"}
+    assert set(doc["env"]["EXTRAS"].split(",")) >= {"test", "gpu", "zero"}
     (upload,) = uses(doc, "actions/upload-artifact")
     assert upload["if"] == "always()" and upload["with"]["path"] == "reports/"
     command = next(r for r in runs if "--gpu suites" in r)
@@ -372,24 +372,55 @@ def test_refresh_failure_fails_the_step(tmp_path: Path) -> None:
     assert result.returncode == 1, "tee must not hide the refresh's exit status"
 
 
+def fake_deepspeed(site: Path, accelerator: str = "") -> Path:
+    """A ``deepspeed`` package on ``site`` whose ``deepspeed.accelerator`` runs ``accelerator``."""
+    package = site / "deepspeed"
+    (package / "accelerator").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "accelerator" / "__init__.py").write_text(accelerator)
+    return site
+
+
 @needs_bash
 @pytest.mark.parametrize("name", GPU_WORKFLOWS)
-def test_prebuild_without_deepspeed_passes_and_broken_deepspeed_fails(
-    tmp_path: Path, name: str
-) -> None:
+def test_prebuild_runs_build_ops_only_with_deepspeed(tmp_path: Path, name: str) -> None:
     script = step(workflow(name), "Prebuild DeepSpeed ops")["run"]
     # python -S: the standard library only, so deepspeed is not importable whatever is installed
     stub(tmp_path / "bin", "python", f'exec "{sys.executable}" -S "$@"')
+    stub(tmp_path / "bin", "pytest-vram", 'echo "pytest-vram $*"')
     missing = bash(script, tmp_path, [tmp_path / "bin"])
     assert missing.returncode == 0, missing.stderr
-    assert "deepspeed is not installed" in missing.stdout
+    assert missing.stdout.splitlines() == ["deepspeed is not installed: no ops to prebuild"]
 
-    package = tmp_path / "site" / "deepspeed"
-    (package / "accelerator").mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "accelerator" / "__init__.py").write_text("raise RuntimeError('broken deepspeed')\n")
-    broken = bash(script, tmp_path, [tmp_path / "bin"], PYTHONPATH=str(tmp_path / "site"))
+    site = fake_deepspeed(tmp_path / "site")
+    present = bash(script, tmp_path, [tmp_path / "bin"], PYTHONPATH=str(site))
+    assert present.returncode == 0, present.stderr
+    assert present.stdout.splitlines() == ["pytest-vram build-ops"]
+
+
+@needs_bash
+@pytest.mark.parametrize("name", GPU_WORKFLOWS)
+def test_prebuild_fails_on_a_broken_deepspeed(tmp_path: Path, name: str) -> None:
+    """The real ``pytest-vram build-ops`` behind the step: a DeepSpeed that cannot load fails it."""
+    script = step(workflow(name), "Prebuild DeepSpeed ops")["run"]
+    stub(tmp_path / "bin", "python", f'exec "{sys.executable}" -S "$@"')
+    stub(tmp_path / "bin", "pytest-vram", f'exec "{sys.executable}" -m pytest_vram.cli "$@"')
+    site = fake_deepspeed(tmp_path / "site", "raise RuntimeError('broken deepspeed')\n")
+    broken = bash(script, tmp_path, [tmp_path / "bin"], PYTHONPATH=str(site))
     assert broken.returncode != 0 and "broken deepspeed" in broken.stderr
+
+
+def test_ci_script_prebuilds_before_the_tests() -> None:
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()]
+    assert lines.index("pytest-vram build-ops") < lines.index("python -m pytest")
+
+
+def test_no_workflow_or_doc_builds_cpu_adam() -> None:
+    """Offload steps the client torch optimizer ("zero_force_ds_cpu_optimizer": false)."""
+    texts = {p.name: p.read_text("utf-8") for p in [*workflow_files(), DOCS]}
+    assert not [name for name, text in texts.items() if "CPUAdam" in text]
+    assert "pytest-vram build-ops" in texts[DOCS.name]
+    assert "being wired" not in texts[DOCS.name]
 
 
 @needs_bash
@@ -510,8 +541,9 @@ def test_tox_envs() -> None:
     ini = tox()
     assert ini["tox"]["envlist"].strip() == "cpu"
     assert "constraints-cpu.txt" in ini["testenv:cpu"]["install_command"]
+    assert ini["testenv:cpu"]["commands_pre"].strip() == "pytest-vram build-ops"
     gpu = ini["testenv:gpu"]
-    assert set(gpu["extras"].replace(",", " ").split()) == {"test", "gpu"}
+    assert set(gpu["extras"].replace(",", " ").split()) == {"test", "gpu", "zero"}
     assert {"CUDA_VISIBLE_DEVICES", "TORCH_EXTENSIONS_DIR"} <= set(gpu["passenv"].split())
     assert gpu["commands"].strip() == "python -m pytest --gpu suites {posargs}"
     refresh = ini["testenv:refresh"]

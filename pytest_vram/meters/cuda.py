@@ -14,7 +14,7 @@ import contextlib
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Final, final
 
 import torch
@@ -50,11 +50,16 @@ def fingerprint_from_name(name: str, total_bytes: int) -> str:
     return f"nvidia-{words}"
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` not already in ``seen``."""
+def storage_bytes(
+    tensors: Iterable[torch.Tensor], seen: set[int], device_type: str | None = None
+) -> int:
+    """Bytes of the distinct storages behind ``tensors`` not already in ``seen``; only those on
+    ``device_type`` when given (offloaded state lives in host memory, not on the device)."""
     total = 0
     for t in tensors:
         if getattr(t, "is_paged", False):  # bitsandbytes managed memory: not in the allocator
+            continue
+        if device_type is not None and t.device.type != device_type:
             continue
         st = t.untyped_storage()
         if st.data_ptr() not in seen:
@@ -117,6 +122,7 @@ class CudaMeter:
         self.sample_nvml = sample_nvml
         self.device_index = index
         self.device = f"cuda:{index}"
+        self._host: dict[int, int] = {}  # offloaded storages on the host: data_ptr -> bytes
         self.snapshot_label: str | None = None  # names the snapshot file; set before entering
         self.snapshot_path: str | None = None  # the snapshot written by the last exit
         self.notes: list[str] = []  # how NVML behaved, for MemoryResult.notes
@@ -225,10 +231,10 @@ class CudaMeter:
             assert nvml is not None, "entering checks that NVML is available"
             peak = nvml
         seen: set[int] = set()
-        grad = storage_bytes(roles.grads, seen)
-        opt = storage_bytes(roles.optimizer, seen)
-        param = storage_bytes(roles.params, seen)
-        buffer = storage_bytes(roles.buffers, seen)
+        grad = storage_bytes(roles.grads, seen, "cuda")
+        opt = storage_bytes(roles.optimizer, seen, "cuda")
+        param = storage_bytes(roles.params, seen, "cuda")
+        buffer = storage_bytes(roles.buffers, seen, "cuda")
         breakdown = Breakdown(
             param_bytes=param,
             buffer_bytes=buffer,
@@ -244,4 +250,17 @@ class CudaMeter:
             reserved_bytes=reserved,
             allocated_bytes=allocated,
             nvml_bytes=nvml,
+            host_offload_bytes=sum(self._host.values()),
         )
+
+    def offloaded(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Offloaded state (DeepSpeed's host copies): counted as host bytes, by storage."""
+        for t in tensors:
+            if t.device.type == "cpu":
+                st = t.untyped_storage()
+                self._host[st.data_ptr()] = st.nbytes()
+
+    @contextlib.contextmanager
+    def host_scope(self) -> Iterator[None]:
+        # On a GPU the allocator only sees device memory: host allocations need no exclusion.
+        yield
