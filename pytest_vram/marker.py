@@ -9,10 +9,10 @@ from typing import Any, Final, final
 
 from pytest_vram.spec import FIELDS, SpecError, check_field
 
-__all__ = ["MARKER", "MarkerArgs", "parse_marker"]
+__all__ = ["MARKER", "MarkerArgs", "check_capacity", "check_device", "parse_marker"]
 
 MARKER: Final = "vram_budget"
-_OWN: Final = ("gb", "tolerance", "leak_tolerance")
+_OWN: Final = ("gb", "tolerance", "leak_tolerance", "capacity_gb", "device")
 
 
 @final
@@ -23,6 +23,8 @@ class MarkerArgs:
     leak_tolerance: float
     # StepSpec fields given in the marker are the defaults of vram.step() in that test.
     spec_defaults: Mapping[str, Any]
+    capacity_gb: float | None = None  # the device's memory: a peak above it is a predicted OOM
+    device: str | None = None  # the meter for this test's cases, e.g. "fake" for real sizes
 
 
 def _number(name: str, value: object) -> float:
@@ -48,6 +50,8 @@ def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs
         raise SpecError(f"gb={kwargs['gb']!r} must be > 0 (GiB)")
     tolerance = _fraction("tolerance", kwargs) if "tolerance" in kwargs else None
     leak_tolerance = _fraction("leak_tolerance", kwargs) if "leak_tolerance" in kwargs else 0.0
+    capacity = check_capacity(kwargs["capacity_gb"]) if "capacity_gb" in kwargs else None
+    device = check_device(kwargs["device"]) if "device" in kwargs else None
     defaults: dict[str, Any] = {}
     for name, value in kwargs.items():
         if name in _OWN:
@@ -61,4 +65,19 @@ def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs
         from pytest_vram.spec import StepSpec
 
         StepSpec.from_kwargs(**defaults)
-    return MarkerArgs(gb, tolerance, leak_tolerance, defaults)
+    return MarkerArgs(gb, tolerance, leak_tolerance, defaults, capacity, device)
+
+
+def check_capacity(value: object) -> float:
+    capacity = _number("capacity_gb", value)
+    if capacity <= 0:
+        raise SpecError(f"capacity_gb={value!r} must be > 0 (GiB of device memory)")
+    return capacity
+
+
+def check_device(value: object) -> str:
+    from pytest_vram.meters import METERS
+
+    if value not in METERS:
+        raise SpecError(f"device={value!r}; choose one of: {', '.join(METERS)}")
+    return str(value)

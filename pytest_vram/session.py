@@ -13,8 +13,8 @@ import pytest
 from pytest_vram import gpus, invariants
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
 from pytest_vram.gpus import assign_gpus, check_gpu_visible
-from pytest_vram.marker import MARKER, MarkerArgs, parse_marker
-from pytest_vram.meters.base import MemoryResult
+from pytest_vram.marker import MARKER, MarkerArgs, check_capacity, check_device, parse_marker
+from pytest_vram.meters.base import GIB, MemoryResult
 from pytest_vram.options import Settings
 from pytest_vram.report import Summary, write_json
 from pytest_vram.spec import SpecError, StepSpec
@@ -25,9 +25,11 @@ __all__ = ["RESULTS", "Recorder", "VramSession", "assign_gpus", "check_gpu_visib
 
 MARKER_ARGS: Final = pytest.StashKey[MarkerArgs]()
 RESULTS: Final = pytest.StashKey[list[MemoryResult]]()
+# Device memory each result is checked against (capacity_gb), in the order of RESULTS.
+CAPACITIES: Final = pytest.StashKey[list[int | None]]()
 _PROPERTY: Final = "vram"
 # Host baselines need no probe of the device; cuda fingerprints come back with the first result.
-_STATIC_FINGERPRINTS: Final = {"host": "host-cpu"}
+_STATIC_FINGERPRINTS: Final = {"host": "host-cpu", "fake": "fake"}
 
 
 def split_nodeid(nodeid: str) -> tuple[str, str]:
@@ -50,36 +52,50 @@ class Recorder:
         self._session = session
         self._item = item
         self.results: list[MemoryResult] = item.stash.setdefault(RESULTS, [])
+        self._capacities: list[int | None] = item.stash.setdefault(CAPACITIES, [])
+        args = item.stash.get(MARKER_ARGS, None)
+        self._capacity_gb = args.capacity_gb if args else None
+        self._device = args.device if args and args.device else session.settings.device
 
-    def step(self, **kwargs: Any) -> MemoryResult:
-        """One training step of ``StepSpec(**kwargs)``; marker spec arguments are the defaults."""
+    def step(
+        self, *, device: str | None = None, capacity_gb: float | None = None, **kwargs: Any
+    ) -> MemoryResult:
+        """One training step of ``StepSpec(**kwargs)``; marker spec arguments are the defaults.
+
+        ``device`` picks the meter for this case ("fake" sizes real models without weights);
+        ``capacity_gb`` is the device memory it must fit in (a peak above it: predicted OOM)."""
         __tracebackhide__ = True
         args = self._item.stash.get(MARKER_ARGS, None)
         merged = {**(args.spec_defaults if args else {}), **kwargs}
         try:
+            meter = check_device(device) if device is not None else self._device
+            capacity = check_capacity(capacity_gb) if capacity_gb is not None else self._capacity_gb
             spec = StepSpec.from_kwargs(**merged)
         except SpecError as exc:
             error = f"vram.step: {exc}"
         else:
             devices = self._session.gpu_devices
-            if devices is not None:
+            if devices is not None and meter == "cuda":
                 worker = getattr(self._item.config, "workerinput", {}).get("workerid", "master")
                 reason = gpus.skip_reason(spec.ranks, devices, worker)
                 if reason:
                     pytest.skip(f"{reason} [{spec.label}]")
-            return self._run(self._session.job(spec=spec, imports=self._imports()))
+            job = self._session.job(meter, spec=spec, imports=self._imports())
+            return self._run(job, capacity)
         pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
     def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
         """Run an importable function in the isolated child under the meter."""
         __tracebackhide__ = True
-        job = self._session.job(fn=fn, args=args, kwargs=kwargs, imports=self._imports())
+        job = self._session.job(
+            self._device, fn=fn, args=args, kwargs=kwargs, imports=self._imports()
+        )
         try:
             job.check_picklable()
         except SpecError as exc:
             error = str(exc)
         else:
-            return self._run(job)
+            return self._run(job, self._capacity_gb)
         pytest.fail(error, pytrace=False)
 
     def _imports(self) -> tuple[str, ...]:
@@ -87,7 +103,7 @@ class Recorder:
 
         return self._session.settings.imports + extension_modules()
 
-    def _run(self, job: Job) -> MemoryResult:
+    def _run(self, job: Job, capacity_gb: float | None) -> MemoryResult:
         __tracebackhide__ = True
         # A spec measured once in a session is not measured again (invariant tests share
         # cases with the cases' own tests); the meters are deterministic or nearly so.
@@ -105,6 +121,7 @@ class Recorder:
                 pytest.fail(f"vram.step: {out.reason} [{out.label}]", pytrace=False)
             pytest.fail(out.long_repr(), pytrace=False)
         self.results.append(out)
+        self._capacities.append(None if capacity_gb is None else int(capacity_gb * GIB))
         return out
 
 
@@ -128,13 +145,13 @@ class VramSession:
         if settings.device in _STATIC_FINGERPRINTS:
             self.devices.add(_STATIC_FINGERPRINTS[settings.device])
 
-    def job(self, **fields: Any) -> Job:
+    def job(self, meter: str, **fields: Any) -> Job:
         options: dict[str, Any] = {}
-        if self.settings.device == "cuda":
+        if meter == "cuda":
             if self._snapshot_tmp is None:
                 self._snapshot_tmp = tempfile.mkdtemp(prefix="pytest-vram-snapshots-")
             options = {"peak_source": self.settings.peak_source, "snapshot_dir": self._snapshot_tmp}
-        return Job(self.settings.device, meter_options=options, **fields)
+        return Job(meter, meter_options=options, **fields)
 
     def keep_snapshot(self, result: MemoryResult, failed: bool) -> str | None:
         """A failing GPU case keeps its memory snapshot in the report's folder; others drop it."""
@@ -240,7 +257,8 @@ class VramSession:
         hint = f"pytest-vram refresh '{item.nodeid}'"
         verdicts = []
         seen: dict[str, int] = defaultdict(int)
-        for result in results:
+        capacities = item.stash.get(CAPACITIES, [])
+        for index, result in enumerate(results):
             seen[result.label] += 1
             label = (
                 result.label if seen[result.label] == 1 else f"{result.label} #{seen[result.label]}"
@@ -255,6 +273,7 @@ class VramSession:
                 strict=self.settings.strict,
                 update=self.settings.update,
                 record_hint=hint,
+                capacity_bytes=capacities[index] if index < len(capacities) else None,
             )
             verdicts.append(verdict)
             if self.settings.update:

@@ -10,7 +10,7 @@ from pytest_vram.meters.base import GIB, MemoryResult, gib
 
 __all__ = ["Budget", "CaseVerdict", "judge", "versions_changed"]
 
-Status = Literal["ok", "over-budget", "leak", "drift-up", "drift-down", "no-baseline", "recorded"]
+Status = Literal["ok", "over-capacity", "over-budget", "leak", "drift-up", "drift-down", "no-baseline", "recorded"]
 BaselineAction = Literal["created", "updated", "unchanged"]
 _VERSION_KEYS: Final = ("python", "torch", "transformers", "peft", "pytest-vram")
 
@@ -116,6 +116,7 @@ def judge(
     strict: bool,
     update: bool,
     record_hint: str,
+    capacity_bytes: int | None = None,
 ) -> CaseVerdict:
     statuses: list[Status] = []
     reasons: list[str] = []
@@ -123,6 +124,13 @@ def judge(
     tag = f"[{result.label}]"
     peak = result.peak_bytes
     notes.extend(result.notes)
+    if capacity_bytes is not None and peak > capacity_bytes:
+        statuses.append("over-capacity")
+        reasons.append(
+            f"out of memory predicted: peak {gib(peak):.3f} GiB exceeds the device's "
+            f"{gib(capacity_bytes):.3f} GiB by {gib(peak - capacity_bytes):.3f} GiB "
+            f"({peak / capacity_bytes - 1:+.1%}) {tag}"
+        )
     if budget.bytes is not None and peak > budget.bytes:
         statuses.append("over-budget")
         over = peak / budget.bytes - 1
