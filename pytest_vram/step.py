@@ -172,6 +172,11 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         reason = part.unsupported(spec, meter.device)
         if reason:
             raise methods.Unsupported(reason)
+    if spec.zero is not None and meter.name == "fake":
+        # DeepSpeed does not run under FakeTensorMode: trace without it, lay the state out.
+        from pytest_vram import zero_sim
+
+        return zero_sim.simulate(_run(zero_sim.plain(spec), meter), spec)
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(

@@ -1,0 +1,101 @@
+"""ZeRO on the fake meter: DeepSpeed's per-rank layout applied to a traced step's sizes.
+
+The DeepSpeed engine does not run under FakeTensorMode, so a real-size ZeRO case traces the
+step without DeepSpeed and lays its model state out per rank as DeepSpeed 0.16-0.19 does. With
+Φ parameters, Ψ of them trainable, w bytes per weight (2 for bf16/fp16, 4 for fp32) and N
+ranks, the bytes each rank holds at the peak of a step, as measured on the real engine
+(``suites/test_zero.py`` and ``tests/test_zero_sim.py`` check these on tiny models):
+
+=========  ==============  =====================================  ==============================
+stage      parameters      gradients                              optimizer (AdamW)
+=========  ==============  =====================================  ==============================
+0          wΦ              wΨ (+ 4Ψ fp32 accumulators if w < 4)   8Ψ (+ 4Ψ fp32 master if w < 4)
+1, 2       wΦ              4Ψ/N (the fp32 gradient partition)     12Ψ/N (master + two moments)
+3          wΦ/N            wΨ/N + 4Ψ/N (partition + fp32 copy)    12Ψ/N
+=========  ==============  =====================================  ==============================
+
+Offloading the optimizer moves its state and the fp32 gradient partition to host memory;
+offloading parameters (ZeRO-3) moves their partitions too. Activations are the trace's,
+unsharded: every rank runs the whole forward and backward on its own micro-batch. Buckets
+and DeepSpeed's step temporaries are not simulated; the result says so in its notes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Final
+
+from pytest_vram.meters.base import Breakdown, MemoryResult
+from pytest_vram.spec import StepSpec
+
+__all__ = ["plain", "simulate"]
+
+_WEIGHT_BYTES: Final = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Optimizer state per trainable parameter besides the fp32 master copy.
+_MOMENT_BYTES: Final = {"adamw": 8, "sgd": 0}
+_FP32: Final = 4
+
+
+def plain(spec: StepSpec) -> StepSpec:
+    """The spec without DeepSpeed: what the fake meter traces before the layout is applied."""
+    return dataclasses.replace(spec, zero=None, offload="none", ranks=1)
+
+
+def _rank(spec: StepSpec, traced: MemoryResult) -> tuple[Breakdown, int]:
+    """One rank's breakdown and the bytes it offloads to host memory."""
+    assert spec.zero is not None
+    n, w = spec.ranks, _WEIGHT_BYTES[spec.precision]
+    phi, psi = traced.total_params, traced.trainable_params
+    mixed = w < _FP32
+    moments = _MOMENT_BYTES[spec.optimizer] * psi
+    if spec.zero == 0:
+        params = w * phi
+        grads = w * psi + (_FP32 * psi if mixed else 0)
+        optimizer = moments + (_FP32 * psi if mixed else 0)
+    else:
+        params = w * phi // n if spec.zero == 3 else w * phi
+        fp32_grads = _FP32 * psi // n
+        grads = fp32_grads + (w * psi // n if spec.zero == 3 else 0)
+        optimizer = (moments + _FP32 * psi) // n
+    host = 0
+    if spec.offload in ("optimizer", "both"):
+        host += optimizer + _FP32 * psi // n
+        grads, optimizer = 0, 0
+    if spec.offload in ("param", "both"):
+        host += params
+        params = 0
+    breakdown = Breakdown(
+        param_bytes=params,
+        buffer_bytes=traced.breakdown.buffer_bytes,
+        grad_bytes=grads,
+        optimizer_bytes=optimizer,
+        activation_bytes=traced.breakdown.activation_bytes,
+    )
+    return breakdown, host
+
+
+def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
+    """Per-rank results for ``spec`` (zero set) from a trace of ``plain(spec)``."""
+    if spec.zero is None:
+        raise ValueError(f"simulate needs a ZeRO spec; {spec.label} has zero=None")
+    if spec.optimizer not in _MOMENT_BYTES or spec.precision not in _WEIGHT_BYTES:
+        raise ValueError(f"no simulated ZeRO layout for {spec.optimizer} {spec.precision}")
+    breakdown, host = _rank(spec, traced)
+    note = (
+        f"simulated ZeRO-{spec.zero} layout over {spec.ranks} ranks: parameters, gradients and "
+        "optimizer state as DeepSpeed partitions them; activations traced, unsharded; "
+        "reduction buckets and step temporaries not counted"
+    )
+    rank = dataclasses.replace(
+        traced,
+        label=spec.label,
+        spec=spec,
+        peak_bytes=breakdown.total_bytes,
+        step_peak_bytes=(breakdown.total_bytes,),
+        breakdown=breakdown,
+        host_offload_bytes=host,
+        notes=(*traced.notes, note),
+    )
+    return dataclasses.replace(
+        rank, ranks=tuple(rank for _ in range(spec.ranks)), host_offload_bytes=host * spec.ranks
+    )

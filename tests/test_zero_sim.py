@@ -1,0 +1,63 @@
+"""The fake meter's ZeRO layout against the real DeepSpeed engine, rank by rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_vram import StepSpec
+from pytest_vram.meters.fake import FakeMeter
+from pytest_vram.meters.host import HostMeter
+from pytest_vram.step import run_step
+
+pytest.importorskip("deepspeed", reason="the real engine needs pytest-vram[zero]")
+
+CASES = [
+    ("bf16", 0, "none", 2),
+    ("bf16", 1, "none", 2),
+    ("bf16", 3, "none", 2),
+    ("bf16", 2, "optimizer", 2),
+    ("fp32", 3, "none", 2),
+    ("bf16", 3, "none", 4),
+]
+
+
+@pytest.mark.parametrize(("precision", "zero", "offload", "ranks"), CASES, ids=lambda v: str(v))
+def test_simulated_model_state_matches_the_engine(
+    precision: str, zero: int, offload: str, ranks: int
+) -> None:
+    spec = StepSpec(
+        model="tiny-llama",
+        precision=precision,
+        batch=2,
+        seq=64,
+        zero=zero,
+        offload=offload,
+        ranks=ranks,
+    )
+    real = run_step(spec, HostMeter())
+    sim = run_step(spec, FakeMeter())
+    assert len(sim.ranks) == len(real.ranks) == ranks
+    for r in real.ranks:
+        s, b = sim.ranks[0].breakdown, r.breakdown
+        assert s.param_bytes == b.param_bytes
+        # DeepSpeed pads partitions for alignment and keeps a 4-byte step counter per group.
+        assert s.grad_bytes == pytest.approx(b.grad_bytes, rel=0.04, abs=64)
+        assert s.optimizer_bytes == pytest.approx(b.optimizer_bytes, rel=0.01, abs=4 * 64)
+    assert "simulated ZeRO" in sim.notes[-1]
+    if offload != "none":
+        # Host memory: the simulation counts the offloaded state, not the step's temporaries.
+        assert 0 < sim.host_offload_bytes <= real.host_offload_bytes
+
+
+def test_zero3_on_8_ranks_sizes_a_7b_model_per_rank() -> None:
+    """Qwen2.5-7B full fine-tuning, bf16, ZeRO-3 on 8 ranks: 2 bytes of weights, 6 of
+    gradients and 12 of optimizer state per parameter, split 8 ways."""
+    spec = StepSpec(model="qwen2.5-7b", batch=1, seq=64, grad_ckpt=True, zero=3, ranks=8)
+    r = run_step(spec, FakeMeter())
+    phi = r.total_params
+    b = r.ranks[0].breakdown
+    assert (b.param_bytes, b.grad_bytes, b.optimizer_bytes) == (
+        2 * phi // 8,
+        2 * phi // 8 + 4 * phi // 8,
+        12 * phi // 8,
+    )
