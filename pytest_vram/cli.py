@@ -1,5 +1,6 @@
 """``pytest-vram refresh [pytest args]``: re-record baselines and print what changed.
-``pytest-vram build-ops``: build the DeepSpeed ops ZeRO cases load, once, before timed cases."""
+``pytest-vram build-ops``: build the DeepSpeed ops ZeRO cases load, once, before timed cases.
+``pytest-vram estimate MODEL [options]``: trace one step on the fake meter (pytest_vram.estimate)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
+from pytest_vram import estimate
 
 __all__ = ["main"]
 
@@ -73,7 +76,16 @@ def main(argv: Sequence[str] | None = None) -> Any:
         "build-ops",
         help="build the DeepSpeed ops ZeRO cases load (cached in TORCH_EXTENSIONS_DIR)",
     )
-    parser.parse_args(args)  # only reached for help and usage errors
+    estimate.add_arguments(
+        sub.add_parser(
+            "estimate",
+            help="trace one training step of a zoo model or a config.json on the fake meter; "
+            "print its breakdown beside DeepSpeed's estimator and LLaMA-Factory's table",
+        )
+    )
+    parsed = parser.parse_args(args)  # refresh and build-ops only reach here for help
+    if parsed.command == "estimate":
+        return estimate.command(parsed)
     return 2
 
 

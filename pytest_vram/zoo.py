@@ -6,7 +6,8 @@ The real shapes (Qwen, DeepSeek distill, LLaMA) are copied from the models' publ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, final
 
@@ -195,6 +196,20 @@ _VISION_LANGUAGE: Final[Mapping[str, ModelShape]] = {
 
 
 MODELS: Final[Mapping[str, ModelShape]] = {**_LANGUAGE, **_VISION_LANGUAGE}
+_MODELS: Final[dict[str, ModelShape]] = MODELS  # type: ignore[assignment]  # writable here only
+
+
+@contextlib.contextmanager
+def registered(name: str, shape: ModelShape) -> Iterator[None]:
+    """``shape`` in MODELS under ``name`` while the block runs (a config.json given to
+    ``pytest-vram estimate``): specs, methods and stages all look shapes up there."""
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is already in the zoo")
+    _MODELS[name] = shape
+    try:
+        yield
+    finally:
+        del _MODELS[name]
 
 
 def build_config(name: str) -> PretrainedConfig:

@@ -1,0 +1,271 @@
+"""``pytest-vram estimate``: the fake meter's step beside DeepSpeed's estimator and
+LLaMA-Factory's table, for zoo models and config.json files."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_vram import estimate, references, zoo
+from pytest_vram.cli import main
+from pytest_vram.estimate import deepspeed_figure
+from pytest_vram.meters.fake import FakeMeter
+from pytest_vram.spec import StepSpec
+from pytest_vram.step import run_step
+
+# deepspeed logs to a stdout handler it makes on import: bind it to a stream outliving capsys.
+with contextlib.redirect_stdout(sys.__stderr__):
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+GIB = 2**30
+LLAMA_7B_PARAMS = 6_738_415_616
+QWEN_32B_EMBEDDING = 152_064 * 5_120
+SIMULATED = importlib.util.find_spec("pytest_vram.zero_sim") is not None
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["estimate", *args, "--json"]) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return data
+
+
+def test_json_is_run_step_under_the_fake_meter(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "tiny-llama", "--batch", "2", "--seq", "32")
+    expected = run_step(StepSpec(model="tiny-llama", batch=2, seq=32), FakeMeter()).to_dict()
+    for key in ("label", "peak_bytes", "step_peak_bytes", "breakdown", "total_params", "spec"):
+        assert data["result"][key] == expected[key], key
+    assert data["trace"] is None and data["zero_simulation"] is None
+    assert data["columns"]["deepspeed"] == {
+        "unavailable": "DeepSpeed's estimators cover ZeRO-2 and ZeRO-3; "
+        "this step runs without DeepSpeed"
+    }
+
+
+def test_llama_7b_breakdown_and_capacity(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["estimate", "llama-7b", "--method", "full", "--optimizer", "adamw"]
+    args += ["--precision", "bf16", "--batch", "1", "--seq", "512"]
+    assert main([*args, "--capacity-gb", "48"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^  parameters +12\.55 GiB$", out, re.M), out
+    assert re.search(
+        r"^  LLaMA-Factory table +60 GB \(Full \(pure_bf16\), 16 bits, 7B\)$", out, re.M
+    )
+    peak = re.search(r"^  peak +([\d.]+) GiB$", out, re.M)
+    assert peak is not None
+    short = float(peak.group(1)) - 48
+    assert f"capacity 48.00 GiB: OUT OF MEMORY predicted by {short:.2f} GiB" in out
+
+    assert main([*args, "--capacity-gb", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    result = data["result"]
+    assert result["breakdown"]["param_bytes"] == 2 * LLAMA_7B_PARAMS
+    assert result["total_params"] == data["base_params"] == LLAMA_7B_PARAMS
+    capacity = data["capacity"]
+    assert capacity["fits"] is True
+    assert capacity["headroom_bytes"] == 64 * GIB - result["peak_bytes"]
+    assert capacity["message"].startswith("capacity 64.00 GiB: FITS, ")
+    assert data["columns"]["llama_factory"]["gb"] == 60
+
+
+def test_qwen_32b_zero3_deepspeed_column(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "qwen2.5-32b", "--seq", "32", "--zero", "3", "--offload", "both")
+    total = zoo.MODELS["qwen2.5-32b"].published_params
+    assert data["result"]["total_params"] == total
+    column = data["columns"]["deepspeed"]
+    assert column["largest_layer_params"] == QWEN_32B_EMBEDDING  # embed_tokens and lm_head
+    cpu, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(
+        total, QWEN_32B_EMBEDDING, 1, 1, cpu_offload=True, cpu_offload_params=True, zero_init=False
+    )
+    assert (column["gpu_bytes"], column["cpu_bytes"]) == (gpu, cpu)
+    # The same line of the table the *_all_cold function prints.
+    stage3.estimate_zero3_model_states_mem_needs_all_cold(total, QWEN_32B_EMBEDDING)
+    printed = capsys.readouterr().out
+    line = f" {cpu / GIB:7.2f}GB | {gpu / GIB:6.2f}GB | "
+    assert any(
+        row.startswith(line) and row.endswith("zero_init=0") and "offload_param=none" not in row
+        for row in printed.splitlines()
+    ), printed
+    assert data["zero_simulation"] == ("per-rank" if SIMULATED else "not yet")
+
+
+def test_zero_without_simulation_says_not_yet(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(estimate, "_simulator", lambda: None)
+    assert main(["estimate", "tiny-llama", "--zero", "2", "--capacity-gb", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "  ZeRO per-rank simulation: not yet: below is the step on one device" in out
+    assert "(un-sharded trace; ZeRO per-rank simulation: not yet)" in out
+    assert main(["estimate", "tiny-llama", "--zero", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["zero_simulation"] == "not yet" and data["trace"] is None
+    plain = run_step(StepSpec(model="tiny-llama"), FakeMeter()).to_dict()
+    assert data["result"]["peak_bytes"] == plain["peak_bytes"]
+
+
+@pytest.mark.skipif(not SIMULATED, reason="pytest_vram.zero_sim is not there yet")
+def test_zero_with_simulation_prints_per_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_vram import zero_sim
+
+    assert main(["estimate", "tiny-llama", "--zero", "2", "--ranks", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    spec = StepSpec(model="tiny-llama", zero=2, ranks=2)
+    trace = run_step(zero_sim.plain(spec), FakeMeter())
+    assert data["zero_simulation"] == "per-rank"
+    assert data["trace"]["peak_bytes"] == trace.peak_bytes
+    assert data["result"]["peak_bytes"] == zero_sim.simulate(trace, spec).peak_bytes
+    assert main(["estimate", "tiny-llama", "--zero", "2", "--ranks", "2"]) == 0
+    assert "  ZeRO-2 per rank (max over 2 ranks)" in capsys.readouterr().out
+
+
+def test_seed_003_reproduces_deepspeed_printed_figures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Seed 003 quotes DeepSpeed's estimator for Qwen2.5-32B; its count is AutoModel's (no
+    lm_head), as in DeepSpeed's docs, on 1 GPU."""
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        bare = AutoModel.from_config(zoo.build_config("qwen2.5-32b"))
+    assert sum(p.numel() for p in bare.parameters()) == references.SEED_003_PARAMS
+    assert (
+        references.SEED_003_PARAMS + QWEN_32B_EMBEDDING
+        == zoo.MODELS["qwen2.5-32b"].published_params
+    )
+
+    stage3.estimate_zero3_model_states_mem_needs_all_cold(
+        references.SEED_003_PARAMS, references.SEED_003_LARGEST_LAYER
+    )
+    printed = capsys.readouterr().out
+    for figure in references.SEED_003:
+        spec = StepSpec(model="qwen2.5-32b", zero=figure.zero, offload=figure.offload)
+        column = deepspeed_figure(
+            spec, references.SEED_003_PARAMS, references.SEED_003_LARGEST_LAYER
+        )
+        assert not isinstance(column, str), column
+        gpu, cpu = column.gpu_bytes / GIB, column.cpu_bytes / GIB
+        row = f" {cpu:7.2f}GB | {gpu:6.2f}GB | "
+        assert any(line.startswith(row) for line in printed.splitlines()), (row, printed)
+        # Rounded as the article quotes them.
+        assert round(gpu, len(str(figure.gpu_gb).partition(".")[2])) == figure.gpu_gb, figure
+        if figure.cpu_gb is not None:
+            assert round(cpu) == figure.cpu_gb, figure
+
+
+def test_zero2_deepspeed_column_follows_offload_and_ranks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = run_json(capsys, "tiny-llama", "--zero", "2", "--offload", "optimizer", "--ranks", "4")
+    column = data["columns"]["deepspeed"]
+    cpu, gpu = stage_1_and_2.estimate_zero2_model_states_mem_needs(
+        data["result"]["total_params"], 4, 1, cpu_offload=True
+    )
+    assert (column["gpu_bytes"], column["cpu_bytes"]) == (gpu, cpu)
+    assert column["options"] == "offload_optimizer=cpu"
+
+
+def test_config_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    before = dict(zoo.MODELS)
+    data = run_json(capsys, str(path), "--seq", "16")
+    assert data["result"]["total_params"] == data["base_params"] == params
+    assert data["result"]["breakdown"]["param_bytes"] == 2 * params
+    assert data["result"]["label"].startswith(f"{path} full adamw bf16")
+    assert dict(zoo.MODELS) == before  # the entry lasts as long as the estimate
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no-such-model"], "unknown model 'no-such-model': neither a zoo model nor a config.json"),
+        (["tiny-llama", "--method", "nope"], "unknown method 'nope'"),
+        (["tiny-llama", "--offload", "both"], "offload='both', ranks=1 need DeepSpeed"),
+        (["tiny-llama", "--zero", "2", "--offload", "param"], "only ZeRO-3 does; zero=2"),
+        (["tiny-llama", "--capacity-gb", "0"], "--capacity-gb=0.0 must be > 0"),
+    ],
+)
+def test_bad_input_exits_2_with_the_message(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["estimate", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("pytest-vram estimate: ")
+    assert message in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_bad_config_json_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "no-such-arch", "hidden_size": 8}))
+    assert main(["estimate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"model {str(path)!r}: model_type 'no-such-arch' has no causal-LM" in err
+    path.write_text("{}")
+    assert main(["estimate", str(path)]) == 2
+    assert "needs a string 'model_type'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "optimizer", "precision", "params", "expected"),
+    [
+        ("full", "adamw", "bf16", LLAMA_7B_PARAMS, ("Full (pure_bf16)", 7, 60)),
+        ("full", "adamw", "amp-bf16", LLAMA_7B_PARAMS, ("Full (bf16 or fp16)", 7, 120)),
+        ("lora", "adamw", "bf16", 14_770_033_664, ("Freeze/LoRA/GaLore/APOLLO/BAdam", 14, 32)),
+        (
+            "full",
+            "galore-adamw",
+            "bf16",
+            32_763_876_352,
+            ("Freeze/LoRA/GaLore/APOLLO/BAdam", 30, 64),
+        ),
+        ("qlora", "adamw", "bf16", 70_553_706_496, ("QLoRA", 70, 48)),
+        ("lora-8bit", "adamw", "bf16", LLAMA_7B_PARAMS, ("QLoRA", 7, 10)),
+        (
+            "freeze",
+            "adamw",
+            "bf16",
+            1_777_088_000,
+            ("Freeze/LoRA/GaLore/APOLLO/BAdam", None, 2 * 1.777088),
+        ),
+        ("full", "sgd", "bf16", LLAMA_7B_PARAMS, None),
+        ("lora", "adamw", "amp-bf16", LLAMA_7B_PARAMS, None),
+        ("prefix", "adamw", "bf16", LLAMA_7B_PARAMS, None),
+    ],
+)
+def test_llama_factory_table_lookup(
+    method: str,
+    optimizer: str,
+    precision: str,
+    params: int,
+    expected: tuple[str, int | None, float] | None,
+) -> None:
+    value = references.llama_factory(method, optimizer, precision, params)
+    if expected is None:
+        assert value is None
+        return
+    assert value is not None
+    assert (value.row.method, value.column) == expected[:2]
+    assert value.gb == pytest.approx(expected[2])
