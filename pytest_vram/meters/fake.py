@@ -4,24 +4,109 @@ Tensors have shapes, dtypes and storages of the right size but no data, so a rea
 config is traced in seconds with every parameter, gradient, optimizer state and activation
 counted as the host meter would count it on a machine large enough to run it.
 
-Not yet a ``--vram-device`` choice (the fake-meter issue): peft's adapter layers call
-``Module.to()``, which swaps parameters under FakeTensorMode and fails ("Couldn't swap
-Linear.weight"); bitsandbytes 8-bit state and Qwen2-VL read tensor values
-(``aten._local_scalar_dense``); and transformers cannot prove a batch unpadded from fake data,
-so it materialises an attention mask the real run skips (+320 KiB on tiny-llama b2 s64
-whenever the peak falls in the forward pass).
+Two places where torch and transformers behave differently on fake tensors are bridged for the
+time the meter is entered, so that the same library code runs as on real ones:
+
+* ``Module.to()`` (peft moves every adapter layer with it) swaps each fake parameter through
+  ``torch.utils.swap_tensors`` whatever ``set_swap_module_params_on_conversion`` says, and that
+  refuses a tensor with a weak reference, which FakeTensorMode's converter memo holds on nearly
+  every fake tensor (pytorch/pytorch#148977). As the fix proposed upstream (#178584), the memo
+  entries of the two tensors being swapped are dropped.
+* transformers reads position ids to see whether sequences are packed, and on fake data (no
+  values) builds the causal mask the real run skips. Position ids that the meter saw made by
+  ``arange`` (transformers' own, when none are passed) are consecutive: those get the real
+  run's answer, "not packed".
+
+A module first imported inside the meter keeps the fake tensors it makes at import (peft's LoHa
+default arguments): the plugin runs each case in a fresh child of a preloaded server.
+
+What cannot run on fake tensors is listed in ``pytest_vram.meters.FAKE_UNSUPPORTED`` and checked
+up front by ``FakeMeter.unsupported(spec)`` (torch-free: ``meters.unsupported("fake", spec)``);
+an op that reads tensor values at run time makes ``run_step`` raise ``Unsupported``.
 """
 
 from __future__ import annotations
 
-from typing import final
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, final
 
-from torch._subclasses.fake_tensor import FakeTensorMode
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pytest_vram.meters.base import Roles, StepMeasure
-from pytest_vram.meters.host import HostMeter
+from pytest_vram.meters.host import HostMeter, StorageLedger
+from pytest_vram.methods import Unsupported
+
+if TYPE_CHECKING:
+    from pytest_vram.spec import StepSpec
 
 __all__ = ["FakeMeter"]
+
+_VALUES = "fake tensors hold no values"
+
+# Data-free ops that make a run of consecutive numbers, and ops that keep it one.
+_ARANGE: Final = frozenset(
+    {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
+)
+_SHIFT: Final = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor})
+_COPY: Final = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten.clone.default})
+
+
+class _Ramps(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's modes are untyped
+    """Storages known to hold consecutive numbers n, n+1, ...: made by ``arange`` with step 1,
+    shifted by a scalar or copied. transformers makes its default position ids this way."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _ARANGE:
+            ramp = (args[2] if len(args) > 2 else kwargs.get("step", 1)) == 1
+        elif func in _SHIFT:
+            ramp = any(self._read_in_order(a) and _is_scalar(b) for a, b in (args, args[::-1]))
+        else:
+            ramp = func in _COPY and self._read_in_order(args[0])
+        if ramp:
+            self._storages[out.untyped_storage()] = True
+        return out
+
+    def holds_ramp(self, t: object) -> bool:
+        return isinstance(t, torch.Tensor) and t.untyped_storage() in self._storages
+
+    def _read_in_order(self, t: object) -> bool:
+        """A contiguous view of a ramp: an op's contiguous output from it is a ramp too."""
+        return isinstance(t, torch.Tensor) and self.holds_ramp(t) and t.is_contiguous()
+
+    def consecutive(self, t: torch.Tensor) -> bool:
+        """Each row of ``t`` counts up by one: a ramp read with unit stride on the last dim."""
+        return self.holds_ramp(t) and t.dim() > 0 and (t.stride(-1) == 1 or t.size(-1) == 1)
+
+
+def _is_scalar(x: object) -> bool:
+    return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.dim() == 0)
+
+
+def _forget(t: torch.Tensor) -> None:
+    """Drop ``t`` from its fake mode's converter memo, whose weak reference blocks a swap."""
+    if not isinstance(t, FakeTensor):
+        return
+    memo = t.fake_mode.fake_tensor_converter.tensor_memo
+    for ref in weakref.getweakrefs(t):
+        if isinstance(ref, weakref.KeyedRef) and memo.get(ref.key) is t:
+            del memo[ref.key]
 
 
 @final
@@ -31,27 +116,103 @@ class FakeMeter:
 
     def __init__(self) -> None:
         self._host = HostMeter()
-        self._fake = FakeTensorMode()
+        # Libraries keep module-level real tensors (bitsandbytes' quantization map): fake mode
+        # converts them when they are used, and the ledger counts them as the host meter does.
+        self._fake = FakeTensorMode(allow_non_fake_inputs=True)
+        self._ramps = _Ramps()
+        self._restore: list[Callable[[], None]] = []
 
     @property
-    def ledger(self):  # type: ignore[no-untyped-def]
+    def ledger(self) -> StorageLedger:
         return self._host.ledger
 
     def fingerprint(self) -> str:
         return "fake"
 
+    @staticmethod
+    def unsupported(spec: StepSpec) -> str | None:
+        """Why ``spec`` cannot be traced on fake tensors (None if it can); torch-free as
+        ``pytest_vram.meters.unsupported("fake", spec)``, for collection."""
+        from pytest_vram.meters import unsupported
+
+        return unsupported("fake", spec)
+
     def __enter__(self) -> FakeMeter:
-        # The fake mode sits below the ledger: the ledger sees each op, then fake runs it.
+        self._patch(torch.utils, "swap_tensors", _swap_tensors)
+        from transformers import masking_utils
+
+        find = masking_utils.find_packed_sequence_indices
+        ramps = self._ramps
+
+        def find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
+            packed: torch.Tensor | None = find(position_ids)  # the real run's ops, for the ledger
+            # The real run reads the values and finds consecutive positions unpacked.
+            return None if packed is not None and ramps.consecutive(position_ids) else packed
+
+        self._patch(masking_utils, "find_packed_sequence_indices", find_packed_sequence_indices)
+        # The fake mode sits below the ledger: the ledger sees each op, then fake runs it. The
+        # ramps see only the step's ops on top (below, they would see the ledger's too).
         self._fake.__enter__()
         self._host.__enter__()
+        self._ramps.__enter__()  # type: ignore[no-untyped-call]
         return self
 
+    def _patch(self, owner: object, name: str, new: object) -> None:
+        old = getattr(owner, name)
+        setattr(owner, name, new)
+        self._restore.append(lambda: setattr(owner, name, old))
+
     def __exit__(self, *exc: object) -> None:
+        self._ramps.__exit__(None, None, None)  # type: ignore[no-untyped-call]
         self._host.__exit__(*exc)
         self._fake.__exit__(None, None, None)
+        while self._restore:
+            self._restore.pop()()
+        error = exc[1] if len(exc) > 1 else None
+        if isinstance(error, Exception):
+            reason = _not_traceable(error)
+            if reason:
+                raise Unsupported(reason) from error
 
     def step_begin(self) -> None:
         self._host.step_begin()
 
     def step_end(self, roles: Roles) -> StepMeasure:
         return self._host.step_end(roles)
+
+
+_swap_original = torch.utils.swap_tensors
+
+
+def _swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
+    _forget(t1)
+    _forget(t2)
+    _swap_original(t1, t2)  # type: ignore[no-untyped-call]
+
+
+def _not_traceable(error: Exception) -> str | None:
+    """An error that says the step needs tensor values, as ``Unsupported``'s message."""
+    func = getattr(error, "func", None)
+    if isinstance(error, DataDependentOutputException):
+        reason = f"it reads a tensor's value ({func}); {_VALUES}"
+    elif isinstance(error, DynamicOutputShapeException):
+        reason = f"the shape of {func}'s output depends on tensor values; {_VALUES}"
+    elif isinstance(error, UnsupportedOperatorException):
+        reason = f"{func} has no fake (shape-only) implementation"
+    else:
+        return None
+    return f"{_caller(error.__traceback__)} is not supported on the fake meter: {reason}"
+
+
+def _caller(tb: TracebackType | None) -> str:
+    """The innermost function outside torch and the meters on the traceback: the library
+    call that needed values."""
+    where = "this step"
+    while tb is not None:
+        frame = tb.tb_frame
+        module = str(frame.f_globals.get("__name__", ""))
+        if not module.startswith(("torch.", "pytest_vram.meters.")):
+            code: Any = frame.f_code
+            where = f"{module}.{getattr(code, 'co_qualname', code.co_name)}"
+        tb = tb.tb_next
+    return where

@@ -49,23 +49,20 @@ class StorageLedger:
 
     def track(self, t: torch.Tensor) -> int | None:
         """Register ``t``'s storage if new; re-read its size (an ``out=`` op may resize it).
-        Meta tensors hold no memory (DeepSpeed ZeRO-1/2 keep some): they are not counted."""
-        if t.is_meta:
-            return None
+        Meta tensors hold no memory (DeepSpeed ZeRO-1/2 keep some): they are not counted. Only
+        new storages are asked ``is_meta``, which on a fake tensor is an op (prim.device)."""
         st = t.untyped_storage()
         sid = self._sid_of.get(st._cdata)
         if sid is None:
-            return self._register(st)
+            return None if t.is_meta else self._register(st)
         if st.nbytes() != self._live.get(sid, self._host.get(sid)):
             self.resized(st)
         return sid
 
     def seen(self, t: torch.Tensor) -> None:
         """An op's input: only new storages matter (a resize shows on the op that did it)."""
-        if t.is_meta:
-            return
         st = t.untyped_storage()
-        if st._cdata not in self._sid_of:
+        if st._cdata not in self._sid_of and not t.is_meta:
             self._register(st)
 
     def _register(self, st: torch.UntypedStorage) -> int:
@@ -189,15 +186,19 @@ class _Watch(TorchDispatchMode):
         self.ledger = ledger
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        # Inputs too: a tensor made outside any op (from_numpy, unpickled) counts once it is used.
         ledger = self.ledger
+        if func is _LIFT_FRESH:
+            # torch.tensor(data): the data is the tensor, or under FakeTensorMode its fake copy,
+            # and only that copy counts.
+            out = func(*args, **(kwargs or {}))
+            ledger.track(out)
+            return out
+        # Inputs too: a tensor made outside any op (from_numpy, unpickled) counts once it is used.
         _walk(args, ledger.seen)
         if kwargs:
             _walk(tuple(kwargs.values()), ledger.seen)
         out = func(*args, **(kwargs or {}))
-        # A view's storage is its input's, just seen; but under FakeTensorMode lift_fresh (the
-        # view torch.tensor(data) goes through) returns a fake copy: a storage of its own.
-        if not func.is_view or func is _LIFT_FRESH:
+        if not func.is_view:  # a view's storage is its input's, just seen
             _walk(out, ledger.track)
         return out
 

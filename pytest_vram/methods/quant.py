@@ -4,6 +4,10 @@ transformers quantizes only while loading weights (``from_config`` with a quanti
 leaves them in full precision), so the random model is saved to a temporary directory and loaded
 back through ``from_pretrained``. The quantization constants live on the weights, not in
 ``buffers()``; ``state_tensors`` hands them to the meter as model state.
+
+On the fake meter there are no weights to save, and bitsandbytes' Params4bit (a Tensor subclass
+made with ``_make_subclass``) cannot wrap a fake tensor; ``QLora.build_fake`` builds the same
+model from transformers' quantizer and bitsandbytes' ``quantize_4bit`` (see there).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_vram.methods import Method, state_tensors
+from pytest_vram.methods import Method, Unsupported, state_tensors
 from pytest_vram.methods.lora import lora_config
 from pytest_vram.methods.peft_methods import LORA_OPTIONS
 from pytest_vram.spec import OptionValue
@@ -46,9 +50,12 @@ class _Quantized(Method):
         import tempfile
 
         import torch
+        from torch._guards import detect_fake_mode
 
         from pytest_vram import zoo
 
+        if detect_fake_mode() is not None:
+            return self.build_fake(spec, dtype, device)
         auto = zoo.auto_class(spec.model)  # the class build_model used: the same model returns
         with tempfile.TemporaryDirectory(prefix="pytest-vram-") as folder:
             source = zoo.build_model(spec.model, torch.bfloat16, "cpu")
@@ -61,6 +68,13 @@ class _Quantized(Method):
                 dtype=dtype,
             )
         return model
+
+    def build_fake(self, spec: StepSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
+        """The quantized model under FakeTensorMode (no weights to load)."""
+        raise Unsupported(
+            f"{self.name} is not supported on the fake meter: bitsandbytes' quantized parameter "
+            "is a torch.Tensor subclass (made with _make_subclass), which cannot wrap a fake tensor"
+        )
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -90,9 +104,10 @@ class _Quantized(Method):
                 holders = (vars(weight), module.state)
             else:
                 continue
-            storage = weight.untyped_storage().data_ptr()
+            # One Python object per live storage; data_ptr() cannot tell fake storages apart.
+            storage = weight.untyped_storage()
             for tensor in state_tensors(holders):
-                if tensor.untyped_storage().data_ptr() != storage:
+                if tensor.untyped_storage() is not storage:
                     yield tensor
 
 
@@ -113,6 +128,54 @@ class QLora(_Quantized):
             bnb_4bit_use_double_quant=spec.method_option("double_quant"),
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
+
+    def build_fake(self, spec: StepSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
+        """What ``from_pretrained`` builds, from the parts it calls: the model in ``dtype`` (the
+        checkpoint is cast to it before quantizing), transformers' quantizer swapping in its
+        Linear4bit layers, and each weight quantized by bitsandbytes' ``quantize_4bit`` with the
+        layer's settings, as ``Params4bit._quantize`` does. The packed weight stays a plain
+        (fake) parameter that carries Params4bit's attributes, which bitsandbytes' and peft's
+        code reads; the sizes are the ones bitsandbytes' own fake kernels give."""
+        import torch
+        from bitsandbytes import functional
+        from bitsandbytes.nn.modules import Linear4bit
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        from pytest_vram import zoo
+
+        model = zoo.build_model(spec.model, dtype, device)
+        linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+        quantizer = AutoHfQuantizer.from_config(self.quantization_config(spec))
+        with unset_fake_temporarily():
+            # Its layers are made on meta, where Params4bit can wrap the (real) meta tensor.
+            quantizer.preprocess_model(model, dtype=dtype, device_map={"": device})
+            # bitsandbytes makes its 8-bit map for the nested constants from values (.tolist())
+            # on first use and keeps it (functional.quantize_blockwise): made real here.
+            nested = quantizer.quantization_config.bnb_4bit_use_double_quant
+            if nested and "dynamic" not in functional.name2qmap:
+                functional.name2qmap["dynamic"] = functional.create_dynamic_map()  # type: ignore[no-untyped-call]
+        for name, layer in model.named_modules():
+            if not isinstance(layer, Linear4bit):
+                continue
+            settings: dict[str, Any] = dict(vars(layer.weight))  # the meta Params4bit's
+            source = linears[name]
+            packed, layer.quant_state = functional.quantize_4bit(
+                source.weight.data.contiguous(),  # as Params4bit._quantize: no autograd graph
+                blocksize=settings["blocksize"],
+                compress_statistics=settings["compress_statistics"],
+                quant_type=settings["quant_type"],
+                quant_storage=settings["quant_storage"],
+            )
+            weight: Any = torch.nn.Parameter(packed, requires_grad=False)
+            for key, value in settings.items():
+                setattr(weight, key, value)
+            weight.quant_state, weight.bnb_quantized = layer.quant_state, True
+            layer.weight, layer.bias = weight, source.bias
+        del linears
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)
+        return model
 
 
 @final
