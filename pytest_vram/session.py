@@ -14,6 +14,7 @@ from pytest_vram import gpus, invariants
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
 from pytest_vram.gpus import assign_gpus, check_gpu_visible
 from pytest_vram.marker import MARKER, MarkerArgs, check_capacity, check_device, parse_marker
+from pytest_vram.meters import unsupported
 from pytest_vram.meters.base import GIB, MemoryResult
 from pytest_vram.options import Settings
 from pytest_vram.report import Summary, write_json
@@ -192,9 +193,15 @@ class VramSession:
             if mark is None:
                 continue
             try:
-                item.stash[MARKER_ARGS] = parse_marker(mark.args, mark.kwargs)
+                args = item.stash[MARKER_ARGS] = parse_marker(mark.args, mark.kwargs)
             except SpecError as exc:
                 problems.append(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}")
+                continue
+            if "model" in args.spec_defaults:  # a whole spec: the meter can be asked now
+                meter = args.device or self.settings.device
+                reason = unsupported(meter, StepSpec.from_kwargs(**args.spec_defaults))
+                if reason:
+                    problems.append(f"{item.nodeid}: @pytest.mark.{MARKER}: {reason}")
         if problems:
             raise pytest.UsageError(*problems)
 

@@ -66,3 +66,18 @@ def test_bad_device_in_a_step_fails_that_test(vram_project) -> None:
     result = vram_project.run()
     result.assert_outcomes(failed=1)
     assert "vram.step: device='tpu'; choose one of: host, cuda, fake" in output(result)
+
+
+def test_a_case_the_fake_meter_cannot_trace_is_named_at_collection(vram_project) -> None:
+    vram_project.write(
+        """
+        import pytest
+
+        @pytest.mark.vram_budget(gb=1, device="fake", model="tiny-qwen2-vl")
+        def test_vl(vram):
+            vram.step()
+        """
+    )
+    result = vram_project.run()
+    assert result.ret == 4  # usage error: nothing ran
+    assert "tiny-qwen2-vl is not supported on the fake meter: Qwen2-VL places" in output(result)
