@@ -45,7 +45,7 @@ def assert_usage_error(result: pytest.RunResult, *lines: str) -> None:
         ('gb=float("nan")', "gb=nan must be a number"),
         (
             "gb=1, colour='red'",
-            "unknown keyword colour='red'; known: gb, tolerance, leak_tolerance, model, *",
+            "unknown keyword colour='red'; known: gb, tolerance, leak_tolerance, capacity_gb, device, model, *",
         ),
         ("gb=1, tolerance=-0.1", "tolerance=-0.1 must be >= 0 (0.05 is 5%)"),
         ("gb=1, tolerance='5%'", "tolerance='5%' must be a number"),
