@@ -295,7 +295,9 @@ def run_ranks(
     """Run ``body`` on ``spec.ranks`` forked processes; the result of the worst rank, with all.
 
     Plain ``os.fork``: the case's child is a daemon process, which multiprocessing forbids to
-    have children. The ranks stay in the case's process group, so a timeout kills them too."""
+    have children. The ranks stay in the case's process group, so a timeout kills them too.
+    Fork from a process that has not computed yet (the worker's case child): a process whose
+    torch thread pools are running can hang in its forked ranks."""
     port = _free_port()
     pids, conns = [], []
     for rank in range(spec.ranks):

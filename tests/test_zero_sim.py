@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pytest_vram import StepSpec
+from pytest_vram.meters.base import MemoryResult
 from pytest_vram.meters.fake import FakeMeter
-from pytest_vram.meters.host import HostMeter
 from pytest_vram.step import run_step
+from pytest_vram.worker import Job, Worker
 
 pytest.importorskip("deepspeed", reason="the real engine needs pytest-vram[zero]")
 
@@ -34,7 +35,10 @@ def test_simulated_model_state_matches_the_engine(
         offload=offload,
         ranks=ranks,
     )
-    real = run_step(spec, HostMeter())
+    # The real engine runs as the plugin runs it: ranks forked from a fresh worker child, never
+    # from this process, whose earlier tests have started torch's thread pools.
+    real = Worker().run(Job("host", spec=spec), timeout_s=600)
+    assert isinstance(real, MemoryResult), real
     sim = run_step(spec, FakeMeter())
     assert len(sim.ranks) == len(real.ranks) == ranks
     for r in real.ranks:
