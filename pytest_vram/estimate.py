@@ -338,7 +338,17 @@ def estimate(spec: StepSpec, capacity_bytes: int | None = None) -> Estimate:
     )
 
 
-_SPEC_ARGS: Final = ("method", "optimizer", "precision", "batch", "seq", "zero", "offload", "ranks")
+_SPEC_ARGS: Final = (
+    "method",
+    "optimizer",
+    "precision",
+    "batch",
+    "seq",
+    "attention",
+    "zero",
+    "offload",
+    "ranks",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
+    parser.add_argument("--attention", help="sdpa or eager (default sdpa)")
     parser.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3")
     parser.add_argument("--offload", help="with --zero: none, optimizer, param, both")
     parser.add_argument("--ranks", type=int, help="with --zero: processes (GPUs on one node)")

@@ -12,9 +12,21 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final, final
 
-__all__ = ["OFFLOADS", "PRECISIONS", "STAGES", "ZERO_METHODS", "SpecError", "StepSpec", "check_field"]
+__all__ = [
+    "ATTENTIONS",
+    "OFFLOADS",
+    "PRECISIONS",
+    "STAGES",
+    "ZERO_METHODS",
+    "SpecError",
+    "StepSpec",
+    "check_field",
+]
 
 PRECISIONS: Final = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
+# transformers' attn_implementation: sdpa keeps O(seq) per head (flash / memory-efficient
+# kernels); eager materialises the seq x seq scores and an fp32 softmax of them.
+ATTENTIONS: Final = ("sdpa", "eager")
 STAGES: Final = ("sft", "dpo")
 ZERO_STAGES: Final = (0, 1, 2, 3)
 OFFLOADS: Final = ("none", "optimizer", "param", "both")
@@ -98,12 +110,17 @@ def check_field(name: str, value: object) -> object:
     elif name == "seed":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SpecError(f"seed={value!r} must be an integer >= 0")
+    elif name == "attention":
+        if value not in ATTENTIONS:
+            raise _known("attention", value, ATTENTIONS)
     elif name == "grad_ckpt":
         if not isinstance(value, bool):
             raise SpecError(f"grad_ckpt={value!r} must be True or False")
     elif name == "zero":
         if value is not None and (isinstance(value, bool) or value not in ZERO_STAGES):
-            raise SpecError(f"zero={value!r} must be one of 0, 1, 2, 3 (DeepSpeed ZeRO stage) or None")
+            raise SpecError(
+                f"zero={value!r} must be one of 0, 1, 2, 3 (DeepSpeed ZeRO stage) or None"
+            )
     elif name == "offload":
         if value not in OFFLOADS:
             raise _known("offload", value, OFFLOADS)
@@ -126,6 +143,7 @@ class StepSpec:
     batch: int = 1
     seq: int = 128
     grad_ckpt: bool = False
+    attention: str = "sdpa"
     # Optimizer state appears during step 1; step 2 is what steady training costs.
     steps: int = 2
     seed: int = 0
@@ -162,9 +180,7 @@ class StepSpec:
     def _zero_incompatible(self) -> str | None:
         if self.zero is None:
             if self.offload != "none" or self.ranks != 1:
-                return (
-                    f"offload={self.offload!r}, ranks={self.ranks} need DeepSpeed: set zero=0..3"
-                )
+                return f"offload={self.offload!r}, ranks={self.ranks} need DeepSpeed: set zero=0..3"
             return None
         if self.offload in ("param", "both") and self.zero != 3:
             return f"offload={self.offload!r} offloads parameters, which only ZeRO-3 does; zero={self.zero}"
@@ -219,6 +235,8 @@ class StepSpec:
         ]
         if self.grad_ckpt:
             parts.append("ckpt")
+        if self.attention != "sdpa":
+            parts.append(self.attention)
         if self.zero is not None:
             parts.append(f"zero{self.zero}")
             if self.offload != "none":

@@ -93,6 +93,14 @@ def _numel(p: torch.Tensor) -> int:
     return numel
 
 
+def _dtype_bytes(params: Sequence[torch.Tensor]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in params:
+        name = str(p.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + _numel(p) * p.element_size()
+    return dict(sorted(out.items()))
+
+
 def _result(
     label: str,
     spec: StepSpec | None,
@@ -122,6 +130,7 @@ def _result(
         host_offload_bytes=max(s.host_offload_bytes for s in steps),
         trainable_params=sum(_numel(p) for p in params if p.requires_grad),
         total_params=sum(_numel(p) for p in params),
+        param_dtype_bytes=_dtype_bytes(params),
         versions=versions,
         notes=notes + tuple(getattr(meter, "notes", ())),
     )
@@ -135,6 +144,14 @@ def _checkpointing_enable(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _grad_roles(p: torch.Tensor) -> Roles:
+    return Roles(params=(), buffers=(), grads=() if p.grad is None else (p.grad,), optimizer=())
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
 class _Plain:
     """The optimizer as the method built it: the trainer of a case without DeepSpeed."""
 
@@ -146,11 +163,26 @@ class _Plain:
         method: methods.Method,
         opt: methods.Optimizer,
         frozen: Callable[[], Sequence[torch.nn.Module]],
+        meter: Meter,
+        keep_grads: bool = True,
     ) -> None:
         self.model, self.optimizer, self.spec = model, optimizer, spec
         self.method, self.opt, self.frozen = method, opt, frozen
         self.config: dict[str, Any] | None = None
         self.forward = model
+        note = getattr(meter, "note", None)
+        hook = torch.Tensor.register_post_accumulate_grad_hook  # untyped in torch
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            if note is not None:
+                # LOMO and BAdam drop each gradient inside backward or step, before step_end
+                # sees it: a storage that was ever a .grad in this step counts as a gradient.
+                hook(p, lambda p: note(_grad_roles(p)))  # type: ignore[no-untyped-call]
+            if not keep_grads:
+                # Dropped on arrival: the step holds weights and activations only (what the
+                # ZeRO simulation traces; it lays gradients and state out per rank itself).
+                hook(p, _drop_grad)  # type: ignore[no-untyped-call]
 
     def backward_step(self, loss: torch.Tensor) -> None:
         self.opt.backward_step(self.optimizer, loss, self.spec)
@@ -176,7 +208,7 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         # DeepSpeed does not run under FakeTensorMode: trace without it, lay the state out.
         from pytest_vram import zero_sim
 
-        return zero_sim.simulate(_run(zero_sim.plain(spec), meter), spec)
+        return zero_sim.simulate(_run(zero_sim.plain(spec), meter, keep_grads=False), spec)
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(
@@ -189,7 +221,7 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
     return _run(spec, meter)
 
 
-def _run(spec: StepSpec, meter: Meter) -> MemoryResult:
+def _run(spec: StepSpec, meter: Meter, keep_grads: bool = True) -> MemoryResult:
     method = methods.METHODS[spec.method]
     opt = methods.OPTIMIZERS[spec.optimizer]
     torch.manual_seed(spec.seed)
@@ -208,7 +240,16 @@ def _run(spec: StepSpec, meter: Meter) -> MemoryResult:
         optimizer = method.build_optimizer(model, spec, opt)
         trainer: _Plain | zero.ZeroTrainer
         if spec.zero is None:
-            trainer = _Plain(model, optimizer, spec, method, opt, lambda: stage.frozen_models())
+            trainer = _Plain(
+                model,
+                optimizer,
+                spec,
+                method,
+                opt,
+                lambda: stage.frozen_models(),
+                meter,
+                keep_grads,
+            )
         else:
             from pytest_vram import zero
 

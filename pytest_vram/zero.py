@@ -107,6 +107,7 @@ class ZeroTrainer:
         largest = max(p.numel() for p in model.parameters())
         self.config = ds_config(spec, largest)
         self.meter = meter
+        self.method = methods.METHODS[spec.method]
         self.inner = optimizer
         self.offload_optimizer = spec.offload in ("optimizer", "both")
         self.offload_param = spec.offload in ("param", "both")
@@ -205,7 +206,7 @@ class ZeroTrainer:
         state = [p for p in masters if p.untyped_storage().data_ptr() not in model_ptrs]
         return Roles(
             params=params,
-            buffers=list(module.buffers()),
+            buffers=[*module.buffers(), *self.method.state_tensors(module)],
             grads=grads,
             optimizer=state + _tensors(self.inner.state),
         )

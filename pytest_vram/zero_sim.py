@@ -14,10 +14,15 @@ stage      parameters      gradients                              optimizer (Ada
 3          wΦ/N            wΨ/N + 4Ψ/N (partition + fp32 copy)    12Ψ/N
 =========  ==============  =====================================  ==============================
 
+Parameters are counted as the engine holds them (``model_bytes``): DeepSpeed casts floating
+parameters to the run's precision and keeps bitsandbytes' packed 4-bit weights as they are.
 Offloading the optimizer moves its state and the fp32 gradient partition to host memory;
-offloading parameters (ZeRO-3) moves their partitions too. Activations are the trace's,
-unsharded: every rank runs the whole forward and backward on its own micro-batch. Buckets
-and DeepSpeed's step temporaries are not simulated; the result says so in its notes.
+offloading parameters (ZeRO-3) moves their partitions too.
+
+Activations come from a trace in which each gradient is dropped as it arrives, so its peak is
+the forward and backward's (every rank runs the whole model on its own micro-batch), not an
+unsharded optimizer step's. ZeRO-3's gathered layers, reduction buckets and the sharded step's
+temporaries are not simulated; the result says so in its notes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ _WEIGHT_BYTES: Final = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Optimizer state per trainable parameter besides the fp32 master copy.
 _MOMENT_BYTES: Final = {"adamw": 8, "sgd": 0}
 _FP32: Final = 4
+_FLOAT_ITEMSIZE: Final = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def plain(spec: StepSpec) -> StepSpec:
@@ -41,19 +47,33 @@ def plain(spec: StepSpec) -> StepSpec:
     return dataclasses.replace(spec, zero=None, offload="none", ranks=1)
 
 
+def model_bytes(traced: MemoryResult, w: int) -> int:
+    """The parameters as the engine holds them: DeepSpeed casts every floating parameter to
+    the run's precision (peft's fp32 adapters and k-bit upcasts too); bitsandbytes' packed
+    4-bit weights are integer storage and keep their bytes."""
+    if not traced.param_dtype_bytes:
+        return w * traced.total_params
+    total = 0
+    for dtype, nbytes in traced.param_dtype_bytes.items():
+        itemsize = _FLOAT_ITEMSIZE.get(dtype)
+        total += nbytes // itemsize * w if itemsize else nbytes
+    return total
+
+
 def _rank(spec: StepSpec, traced: MemoryResult) -> tuple[Breakdown, int]:
     """One rank's breakdown and the bytes it offloads to host memory."""
     assert spec.zero is not None
     n, w = spec.ranks, _WEIGHT_BYTES[spec.precision]
-    phi, psi = traced.total_params, traced.trainable_params
+    psi = traced.trainable_params
     mixed = w < _FP32
     moments = _MOMENT_BYTES[spec.optimizer] * psi
+    weights = model_bytes(traced, w)
     if spec.zero == 0:
-        params = w * phi
+        params = weights
         grads = w * psi + (_FP32 * psi if mixed else 0)
         optimizer = moments + (_FP32 * psi if mixed else 0)
     else:
-        params = w * phi // n if spec.zero == 3 else w * phi
+        params = weights // n if spec.zero == 3 else weights
         fp32_grads = _FP32 * psi // n
         grads = fp32_grads + (w * psi // n if spec.zero == 3 else 0)
         optimizer = (moments + _FP32 * psi) // n
@@ -83,8 +103,8 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
     breakdown, host = _rank(spec, traced)
     note = (
         f"simulated ZeRO-{spec.zero} layout over {spec.ranks} ranks: parameters, gradients and "
-        "optimizer state as DeepSpeed partitions them; activations traced, unsharded; "
-        "reduction buckets and step temporaries not counted"
+        "optimizer state as DeepSpeed partitions them; activations traced (forward and "
+        "backward, unsharded); gathered layers, reduction buckets and step temporaries not counted"
     )
     rank = dataclasses.replace(
         traced,

@@ -227,13 +227,16 @@ def auto_class(name: str) -> Any:
 
 
 def build_model(
-    name: str, dtype: torch.dtype, device: str | torch.device = "cpu"
+    name: str, dtype: torch.dtype, device: str | torch.device = "cpu", attention: str = "sdpa"
 ) -> PreTrainedModel:
-    """Random-weight causal LM of the named shape, built directly in ``dtype`` on ``device``."""
+    """Random-weight causal LM of the named shape, built directly in ``dtype`` on ``device``,
+    with transformers' ``attention`` implementation (sdpa or eager)."""
     import torch
 
     config = build_config(name)
     auto = auto_class(name)
     with torch.device(device):
-        model: PreTrainedModel = auto.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model: PreTrainedModel = auto.from_config(
+            config, dtype=dtype, attn_implementation=attention
+        )
     return model

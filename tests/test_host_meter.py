@@ -284,3 +284,22 @@ def test_meta_tensors_hold_no_memory() -> None:
             Roles(params=[placeholder, real], buffers=[], grads=[], optimizer=[])
         )
     assert measure.peak_bytes == measure.breakdown.param_bytes == 256 * 4
+
+
+def test_eager_attention_keeps_the_scores_sdpa_does_not() -> None:
+    """Eager attention saves, per layer, the fp32 softmax of the b x heads x s x s scores and
+    its cast to the weights' dtype for the backward: 6 bytes per score in bf16 ("LOMO Table 1"
+    in ``suites/test_references.py`` checks the same at LLaMA-7B size)."""
+    from pytest_vram.meters.host import HostMeter
+    from pytest_vram.step import run_step
+    from pytest_vram.zoo import build_config
+
+    config = build_config("tiny-llama")
+    base = {"model": "tiny-llama", "optimizer": "lomo", "batch": 2, "seq": 256}
+    eager = run_step(StepSpec(**base, attention="eager"), HostMeter())
+    sdpa = run_step(StepSpec(**base), HostMeter())
+    layer_scores = 2 * config.num_attention_heads * 256 * 256
+    scores = config.num_hidden_layers * layer_scores
+    extra = eager.breakdown.activation_bytes - sdpa.breakdown.activation_bytes
+    # ... and at the peak, a temporary copy of one layer's scores (at 7B: within 1%).
+    assert 6 * scores <= extra < 6 * scores + 4 * layer_scores

@@ -107,3 +107,12 @@ def test_float_option_accepts_int() -> None:
     spec = StepSpec(model="tiny-llama", optimizer="sgd", optimizer_options={"momentum": 1})
     assert spec.optimizer_option("momentum") == 1.0
     assert spec.optimizer_option("lr") == 1e-3  # the declared default
+
+
+def test_attention_is_validated_and_labelled_when_not_sdpa() -> None:
+    assert StepSpec(model="tiny-llama").attention == "sdpa"
+    spec = StepSpec(model="tiny-llama", attention="eager", grad_ckpt=True)
+    assert spec.label == "tiny-llama full adamw bf16 b1 s128 ckpt eager"
+    assert StepSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(SpecError, match="unknown attention 'flash'; known: eager, sdpa"):
+        StepSpec(model="tiny-llama", attention="flash")

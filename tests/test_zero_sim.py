@@ -65,3 +65,20 @@ def test_zero3_on_8_ranks_sizes_a_7b_model_per_rank() -> None:
         2 * phi // 8 + 4 * phi // 8,
         12 * phi // 8,
     )
+
+
+@pytest.mark.parametrize(("method", "zero"), [("qlora", 2), ("qlora", 3), ("lora", 3)])
+def test_simulated_adapter_layout_matches_the_engine(method: str, zero: int) -> None:
+    """DeepSpeed casts peft's fp32 adapters and k-bit upcasts to bf16 and keeps bitsandbytes'
+    packed 4-bit weights as they are (ZeRO-3 partitions them too). The step's peak is in the
+    forward, before gradient partitions exist, so the simulated gradients are a bound."""
+    spec = StepSpec(model="tiny-llama", method=method, batch=2, seq=64, zero=zero, ranks=2)
+    real = Worker().run(Job("host", spec=spec), timeout_s=600)
+    assert isinstance(real, MemoryResult), real
+    sim = run_step(spec, FakeMeter())
+    for r in real.ranks:
+        s, b = sim.ranks[0].breakdown, r.breakdown
+        assert s.param_bytes == b.param_bytes
+        assert s.buffer_bytes == b.buffer_bytes  # quantization constants, on every rank
+        assert s.optimizer_bytes == pytest.approx(b.optimizer_bytes, rel=0.01, abs=4 * 64)
+        assert b.grad_bytes <= s.grad_bytes

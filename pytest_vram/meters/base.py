@@ -17,7 +17,16 @@ if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
-__all__ = ["GIB", "PEAK_SOURCES", "Breakdown", "MemoryResult", "Meter", "Roles", "StepMeasure", "gib"]
+__all__ = [
+    "GIB",
+    "PEAK_SOURCES",
+    "Breakdown",
+    "MemoryResult",
+    "Meter",
+    "Roles",
+    "StepMeasure",
+    "gib",
+]
 
 GIB: Final = 2**30
 # What the GPU meter's peak_bytes can count: torch's tensors, its caching allocator, or NVML's
@@ -115,6 +124,8 @@ class MemoryResult:
     snapshot_path: str | None = None  # GPU memory snapshot (memory_viz), when one was taken
     trainable_params: int = 0
     total_params: int = 0
+    # Parameter storage by dtype ("bfloat16", "uint8" for bitsandbytes' packed 4-bit, ...)
+    param_dtype_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()  # how the libraries behaved, e.g. "paging fell back on CPU"
 
@@ -127,6 +138,7 @@ class MemoryResult:
         data["spec"] = self.spec.to_dict() if self.spec else None
         data["step_peak_bytes"] = list(self.step_peak_bytes)
         data["versions"] = dict(self.versions)
+        data["param_dtype_bytes"] = dict(self.param_dtype_bytes)
         data["notes"] = list(self.notes)
         data["ranks"] = [r.to_dict() for r in self.ranks]
         data["schema"] = SCHEMA
@@ -144,6 +156,7 @@ class MemoryResult:
             breakdown=Breakdown(**data.pop("breakdown")),
             step_peak_bytes=tuple(data.pop("step_peak_bytes")),
             versions=dict(data.pop("versions", {})),
+            param_dtype_bytes=dict(data.pop("param_dtype_bytes", {})),
             notes=tuple(data.pop("notes", ())),
             ranks=tuple(cls.from_dict(r) for r in data.pop("ranks", ())),
             **data,

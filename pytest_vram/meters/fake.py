@@ -177,6 +177,9 @@ class FakeMeter:
     def step_begin(self) -> None:
         self._host.step_begin()
 
+    def note(self, roles: Roles) -> None:
+        self._host.note(roles)
+
     def step_end(self, roles: Roles) -> StepMeasure:
         return self._host.step_end(roles)
 

@@ -73,7 +73,7 @@ class Method(Protocol):
         """The base model; quantized methods load theirs differently."""
         from pytest_vram import zoo
 
-        return zoo.build_model(spec.model, dtype, device)
+        return zoo.build_model(spec.model, dtype, device, spec.attention)
 
     def state_tensors(self, model: torch.nn.Module) -> Iterable[torch.Tensor]:
         """Model state that is neither a parameter nor a buffer (quantization constants)."""

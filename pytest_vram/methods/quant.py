@@ -47,8 +47,10 @@ class _Quantized(Method):
         return None
 
     def build_model(self, spec: StepSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
+        import os
         import tempfile
 
+        import safetensors.torch
         import torch
         from torch._guards import detect_fake_mode
 
@@ -59,7 +61,10 @@ class _Quantized(Method):
         auto = zoo.auto_class(spec.model)  # the class build_model used: the same model returns
         with tempfile.TemporaryDirectory(prefix="pytest-vram-") as folder:
             source = zoo.build_model(spec.model, torch.bfloat16, "cpu")
-            source.save_pretrained(folder)
+            # Not save_pretrained: under torch.distributed (ZeRO ranks) it writes on rank 0
+            # only, and each rank loads from its own folder.
+            source.config.save_pretrained(folder)
+            safetensors.torch.save_model(source, os.path.join(folder, "model.safetensors"))
             del source  # not alive during the steps: only the quantized copy is
             model: torch.nn.Module = auto.from_pretrained(
                 folder,
@@ -144,7 +149,7 @@ class QLora(_Quantized):
 
         from pytest_vram import zoo
 
-        model = zoo.build_model(spec.model, dtype, device)
+        model = zoo.build_model(spec.model, dtype, device, spec.attention)
         linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
         quantizer = AutoHfQuantizer.from_config(self.quantization_config(spec))
         with unset_fake_temporarily():
