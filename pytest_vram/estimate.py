@@ -14,9 +14,9 @@ import importlib
 import importlib.util
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final, Literal, cast, final
+from typing import Any, Final, Literal, final
 
 from pytest_vram import references, zoo
 from pytest_vram.meters.base import GIB, MemoryResult, gib
@@ -33,7 +33,6 @@ __all__ = [
     "zoo_entry",
 ]
 
-NOT_YET: Final = "ZeRO per-rank simulation: not yet"
 _WHY_TRACE: Final = (
     "every tensor live at the step's peak: weights, gradients, optimizer state and the "
     "activations of this batch and sequence, as the step allocates them"
@@ -177,26 +176,11 @@ def _base_params(name: str) -> tuple[int, int]:
     return total, largest
 
 
-Simulate = Callable[[MemoryResult, StepSpec], MemoryResult]
-
-
-def _simulator() -> Simulate | None:
-    """``pytest_vram.zero_sim.simulate`` when that module exists."""
-    try:
-        module = importlib.import_module("pytest_vram.zero_sim")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pytest_vram.zero_sim":
-            raise
-        return None
-    return cast("Simulate | None", getattr(module, "simulate", None))
-
-
 @final
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     spec: StepSpec
-    trace: MemoryResult  # the fake meter's step; without DeepSpeed when spec.zero is set
-    result: MemoryResult  # what the peak refers to: the trace, or its per-rank ZeRO simulation
+    result: MemoryResult  # the fake meter's step; with zero set, its per-rank ZeRO simulation
     base_params: int
     deepspeed: DeepSpeedFigure | str  # a figure, or why there is none
     llama_factory: references.TableValue | None
@@ -204,12 +188,7 @@ class Estimate:
 
     @property
     def simulated(self) -> bool:
-        return self.result is not self.trace
-
-    @property
-    def unsharded(self) -> bool:
-        """A ZeRO spec whose peak is still the one-device trace."""
-        return self.spec.zero is not None and not self.simulated
+        return self.spec.zero is not None
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -222,17 +201,14 @@ class Estimate:
         if headroom is None or self.capacity_bytes is None:
             return None
         cap = f"capacity {gib(self.capacity_bytes):.2f} GiB"
-        tail = f" (un-sharded trace; {NOT_YET})" if self.unsharded else ""
         if headroom >= 0:
-            return f"{cap}: FITS, {gib(headroom):.2f} GiB to spare{tail}"
-        return f"{cap}: OUT OF MEMORY predicted by {gib(-headroom):.2f} GiB{tail}"
+            return f"{cap}: FITS, {gib(headroom):.2f} GiB to spare"
+        return f"{cap}: OUT OF MEMORY predicted by {gib(-headroom):.2f} GiB"
 
     def lines(self) -> Iterator[str]:
         r = self.result
         yield f"{self.spec.label}: one training step on the fake meter (shapes, no weights)"
-        if self.unsharded:
-            yield f"  {NOT_YET}: below is the step on one device without DeepSpeed"
-        elif self.simulated:
+        if self.simulated:
             yield f"  ZeRO-{self.spec.zero} per rank (max over {self.spec.ranks} ranks)"
         for name, nbytes in r.breakdown.rows():
             yield f"  {name:<29}{gib(nbytes):>10.2f} GiB"
@@ -243,7 +219,7 @@ class Estimate:
         for note in r.notes:
             yield f"  note: {note}"
         yield "compared with"
-        where = " (un-sharded)" if self.unsharded else " per rank" if self.simulated else ""
+        where = " per rank" if self.simulated else ""
         yield f"  pytest-vram trace      {r.peak_gib:.2f} GiB peak{where}"
         yield f"      {_WHY_TRACE}"
         ds = self.deepspeed
@@ -272,10 +248,7 @@ class Estimate:
         headroom = self.headroom_bytes
         return {
             "result": self.result.to_dict(),
-            "trace": self.trace.to_dict() if self.simulated else None,
-            "zero_simulation": (
-                None if self.spec.zero is None else "per-rank" if self.simulated else "not yet"
-            ),
+            "zero_simulation": "per-rank" if self.simulated else None,
             "base_params": self.base_params,
             "columns": {
                 "pytest_vram": {"peak_bytes": self.result.peak_bytes, "why": _WHY_TRACE},
@@ -316,23 +289,17 @@ def estimate(spec: StepSpec, capacity_bytes: int | None = None) -> Estimate:
     from pytest_vram.meters.fake import FakeMeter
     from pytest_vram.step import run_step
 
-    # The fake meter traces one process: a ZeRO spec is traced without DeepSpeed.
-    traced = spec
-    if spec.zero is not None:
-        traced = dataclasses.replace(spec, zero=None, offload="none", ranks=1)
-    reason = FakeMeter.unsupported(traced)
+    reason = FakeMeter.unsupported(spec)
     if reason:
         raise methods.Unsupported(reason)
-    trace = run_step(traced, FakeMeter())
-    simulate = _simulator() if spec.zero is not None else None
-    result = simulate(trace, spec) if simulate is not None else trace
+    # With zero set, run_step traces the step without DeepSpeed and lays it out per rank.
+    result = run_step(spec, FakeMeter())
     base, largest = _base_params(spec.model)
     return Estimate(
         spec=spec,
-        trace=trace,
         result=result,
         base_params=base,
-        deepspeed=deepspeed_figure(spec, trace.total_params, largest),
+        deepspeed=deepspeed_figure(spec, result.total_params, largest),
         llama_factory=references.llama_factory(spec.method, spec.optimizer, spec.precision, base),
         capacity_bytes=capacity_bytes,
     )

@@ -4,7 +4,6 @@ LLaMA-Factory's table, for zoo models and config.json files."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_vram import estimate, references, zoo
+from pytest_vram import references, zoo
 from pytest_vram.cli import main
 from pytest_vram.estimate import deepspeed_figure
 from pytest_vram.meters.fake import FakeMeter
@@ -27,7 +26,6 @@ with contextlib.redirect_stdout(sys.__stderr__):
 GIB = 2**30
 LLAMA_7B_PARAMS = 6_738_415_616
 QWEN_32B_EMBEDDING = 152_064 * 5_120
-SIMULATED = importlib.util.find_spec("pytest_vram.zero_sim") is not None
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
@@ -41,7 +39,7 @@ def test_json_is_run_step_under_the_fake_meter(capsys: pytest.CaptureFixture[str
     expected = run_step(StepSpec(model="tiny-llama", batch=2, seq=32), FakeMeter()).to_dict()
     for key in ("label", "peak_bytes", "step_peak_bytes", "breakdown", "total_params", "spec"):
         assert data["result"][key] == expected[key], key
-    assert data["trace"] is None and data["zero_simulation"] is None
+    assert data["zero_simulation"] is None
     assert data["columns"]["deepspeed"] == {
         "unavailable": "DeepSpeed's estimators cover ZeRO-2 and ZeRO-3; "
         "this step runs without DeepSpeed"
@@ -92,35 +90,16 @@ def test_qwen_32b_zero3_deepspeed_column(capsys: pytest.CaptureFixture[str]) -> 
         row.startswith(line) and row.endswith("zero_init=0") and "offload_param=none" not in row
         for row in printed.splitlines()
     ), printed
-    assert data["zero_simulation"] == ("per-rank" if SIMULATED else "not yet")
+    assert data["zero_simulation"] == "per-rank"
 
 
-def test_zero_without_simulation_says_not_yet(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(estimate, "_simulator", lambda: None)
-    assert main(["estimate", "tiny-llama", "--zero", "2", "--capacity-gb", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "  ZeRO per-rank simulation: not yet: below is the step on one device" in out
-    assert "(un-sharded trace; ZeRO per-rank simulation: not yet)" in out
-    assert main(["estimate", "tiny-llama", "--zero", "2", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["zero_simulation"] == "not yet" and data["trace"] is None
-    plain = run_step(StepSpec(model="tiny-llama"), FakeMeter()).to_dict()
-    assert data["result"]["peak_bytes"] == plain["peak_bytes"]
-
-
-@pytest.mark.skipif(not SIMULATED, reason="pytest_vram.zero_sim is not there yet")
-def test_zero_with_simulation_prints_per_rank(capsys: pytest.CaptureFixture[str]) -> None:
-    from pytest_vram import zero_sim
-
+def test_zero_prints_the_simulation_per_rank(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["estimate", "tiny-llama", "--zero", "2", "--ranks", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     spec = StepSpec(model="tiny-llama", zero=2, ranks=2)
-    trace = run_step(zero_sim.plain(spec), FakeMeter())
     assert data["zero_simulation"] == "per-rank"
-    assert data["trace"]["peak_bytes"] == trace.peak_bytes
-    assert data["result"]["peak_bytes"] == zero_sim.simulate(trace, spec).peak_bytes
+    assert data["result"]["peak_bytes"] == run_step(spec, FakeMeter()).peak_bytes
+    assert len(data["result"]["ranks"]) == 2
     assert main(["estimate", "tiny-llama", "--zero", "2", "--ranks", "2"]) == 0
     assert "  ZeRO-2 per rank (max over 2 ranks)" in capsys.readouterr().out
 
