@@ -299,7 +299,7 @@ def estimate(spec: StepSpec, capacity_bytes: int | None = None) -> Estimate:
         spec=spec,
         result=result,
         base_params=base,
-        deepspeed=deepspeed_figure(spec, result.total_params, largest),
+        deepspeed=deepspeed_figure(spec, base, largest),
         llama_factory=references.llama_factory(spec.method, spec.optimizer, spec.precision, base),
         capacity_bytes=capacity_bytes,
     )

@@ -1,6 +1,6 @@
 """Published memory figures that ``pytest-vram estimate`` prints beside its own trace.
 
-Typed data, each with its source; nothing here imports torch. See ../shared/REFERENCES.md for
+Typed data, each with its source; nothing here imports torch. The project's reference notes say
 how the numbers were read.
 """
 

@@ -127,6 +127,24 @@ _LANGUAGE: Final[Mapping[str, ModelShape]] = {
         },
         published_params=32_763_876_352,
     ),
+    # Seed 004's QLoRA example (ms-swift). Model card: 14.8B parameters, 13.2B non-embedding.
+    "qwen3-14b": ModelShape(
+        "qwen3",
+        {
+            "vocab_size": 151936,
+            "hidden_size": 5120,
+            "intermediate_size": 17408,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 40960,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+        },
+        published_params=14_768_307_200,
+    ),
 }
 
 

@@ -164,3 +164,21 @@ def test_seed_000_32b_full_fine_tuning_does_not_fit_48_gb_cards(vram) -> None:
     model_state = rank.param_bytes + rank.grad_bytes + rank.optimizer_bytes
     assert model_state == pytest.approx(20 * full.total_params / 8, rel=0.001)
     assert gb(model_state) > SEED_000_CARD_GIB
+
+
+def test_qlora_7b_base_weights(vram) -> None:
+    """REFERENCES: "LLaMA-7B 4-bit base weights about 5 GB" (no configuration given). Ours:
+    bitsandbytes' NF4 with double quantization packs the decoder's linear layers into 3.24e9
+    bytes plus 0.10e9 of constants (4.127 bits per parameter); embed_tokens and lm_head are not
+    quantized, and peft's prepare_model_for_kbit_training upcasts them, the norms and the
+    adapters to fp32: 1.13e9 bytes more. 4.47e9 bytes, 11% under 5 GB read as 10**9 bytes (17%
+    under 5 GiB). A GPU also holds the CUDA context, which no tensor meter counts."""
+    r = vram.step(method="qlora", precision="bf16", grad_ckpt=True, seq=2048)
+    packed = r.param_dtype_bytes["uint8"]
+    assert packed * 2 == 6_476_005_376  # two 4-bit codes per byte: the decoder's linears
+    unquantized = 2 * VOCAB * HIDDEN + (2 * LAYERS + 1) * HIDDEN + r.trainable_params
+    assert r.param_dtype_bytes == {"float32": 4 * unquantized, "uint8": packed}
+    constants = 103_013_248  # 8-bit absmax per 64 weights, their fp32 scales, code tables
+    rotary = 2 * (HIDDEN // HEADS // 2) * 4  # inv_freq and its original copy, fp32
+    assert r.breakdown.buffer_bytes == constants + rotary
+    assert r.breakdown.param_bytes == packed + 4 * unquantized
