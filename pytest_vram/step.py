@@ -208,7 +208,7 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
         # DeepSpeed does not run under FakeTensorMode: trace without it, lay the state out.
         from pytest_vram import zero_sim
 
-        return zero_sim.simulate(_run(zero_sim.plain(spec), meter, keep_grads=False), spec)
+        return zero_sim.simulate(_run(zero_sim.plain(spec), meter, zero_rank=True), spec)
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(
@@ -221,7 +221,9 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
     return _run(spec, meter)
 
 
-def _run(spec: StepSpec, meter: Meter, keep_grads: bool = True) -> MemoryResult:
+def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
+    """``zero_rank``: trace the step for ``zero_sim``, with gradients dropped on arrival (it
+    lays gradients and state out per rank itself)."""
     method = methods.METHODS[spec.method]
     opt = methods.OPTIMIZERS[spec.optimizer]
     torch.manual_seed(spec.seed)
@@ -248,7 +250,7 @@ def _run(spec: StepSpec, meter: Meter, keep_grads: bool = True) -> MemoryResult:
                 opt,
                 lambda: stage.frozen_models(),
                 meter,
-                keep_grads,
+                keep_grads=not zero_rank,
             )
         else:
             from pytest_vram import zero

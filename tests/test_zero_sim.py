@@ -48,7 +48,11 @@ def test_simulated_model_state_matches_the_engine(
         assert s.grad_bytes == pytest.approx(b.grad_bytes, rel=0.04, abs=64)
         assert s.optimizer_bytes == pytest.approx(b.optimizer_bytes, rel=0.01, abs=4 * 64)
     assert "simulated ZeRO" in sim.notes[-1]
-    if offload != "none":
+    if offload == "none":
+        # The peak (forward and backward, or the step): measured within 6% (zero1/2 exact).
+        # With offload it misses the device-side staging of what it moves: -15% to -26% here.
+        assert sim.peak_bytes == pytest.approx(real.peak_bytes, rel=0.06)
+    else:
         # Host memory: the simulation counts the offloaded state, not the step's temporaries.
         assert 0 < sim.host_offload_bytes <= real.host_offload_bytes
 
@@ -71,7 +75,9 @@ def test_zero3_on_8_ranks_sizes_a_7b_model_per_rank() -> None:
 def test_simulated_adapter_layout_matches_the_engine(method: str, zero: int) -> None:
     """DeepSpeed casts peft's fp32 adapters and k-bit upcasts to bf16 and keeps bitsandbytes'
     packed 4-bit weights as they are (ZeRO-3 partitions them too). The step's peak is in the
-    forward, before gradient partitions exist, so the simulated gradients are a bound."""
+    forward, before gradient partitions exist, so the simulated gradients are a bound. The
+    trace is of the uncast model: with ZeRO-3 the gathered layers the simulation leaves out
+    about make up for that (within 6%), without them it is above the engine."""
     spec = StepSpec(model="tiny-llama", method=method, batch=2, seq=64, zero=zero, ranks=2)
     real = Worker().run(Job("host", spec=spec), timeout_s=600)
     assert isinstance(real, MemoryResult), real
@@ -82,3 +88,9 @@ def test_simulated_adapter_layout_matches_the_engine(method: str, zero: int) -> 
         assert s.buffer_bytes == b.buffer_bytes  # quantization constants, on every rank
         assert s.optimizer_bytes == pytest.approx(b.optimizer_bytes, rel=0.01, abs=4 * 64)
         assert b.grad_bytes <= s.grad_bytes
+    if zero == 3:
+        assert sim.peak_bytes == pytest.approx(real.peak_bytes, rel=0.06)
+    else:
+        # The traced activations are those of peft's fp32 upcasts, which the engine casts back
+        # to bf16: above the engine's (+37% on this model), never under it.
+        assert real.peak_bytes < sim.peak_bytes
