@@ -248,3 +248,14 @@ def test_llama_factory_table_lookup(
     assert value is not None
     assert (value.row.method, value.column) == expected[:2]
     assert value.gb == pytest.approx(expected[2])
+
+
+def test_deepspeed_column_counts_the_base_model_not_packed_bytes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A QLoRA trace holds packed 4-bit bytes (two parameters per uint8 element); DeepSpeed's
+    estimator takes the model's parameter count."""
+    data = run_json(capsys, "tiny-llama", "--method", "qlora", "--zero", "2", "--ranks", "2")
+    assert data["columns"]["deepspeed"]["total_params"] == data["base_params"]
+    assert data["result"]["total_params"] < data["base_params"]
+    assert "uint8" in data["result"]["param_dtype_bytes"]

@@ -94,3 +94,23 @@ def test_simulated_adapter_layout_matches_the_engine(method: str, zero: int) -> 
         # The traced activations are those of peft's fp32 upcasts, which the engine casts back
         # to bf16: above the engine's (+37% on this model), never under it.
         assert real.peak_bytes < sim.peak_bytes
+
+
+def test_model_bytes_casts_floating_parameters_and_keeps_packed_ones() -> None:
+    from pytest_vram import zero_sim
+    from pytest_vram.meters.base import Breakdown
+
+    traced = MemoryResult(
+        label="x",
+        meter="fake",
+        device="fake",
+        peak_bytes=0,
+        step_peak_bytes=(0,),
+        breakdown=Breakdown(),
+        total_params=150,
+        param_dtype_bytes={"float32": 400, "uint8": 50},  # 100 fp32 parameters, 100 packed
+    )
+    assert zero_sim.model_bytes(traced, 2) == 200 + 50
+    assert zero_sim.model_bytes(traced, 4) == 400 + 50
+    legacy = MemoryResult.from_dict({**traced.to_dict(), "param_dtype_bytes": {}})
+    assert zero_sim.model_bytes(legacy, 2) == 2 * 150  # results from before the field
