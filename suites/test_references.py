@@ -13,6 +13,10 @@ transformers' eager attention of 2023 (4.28-4.30), so the activation cases trace
 LOMO's 0.24 GB of gradients is its largest single one, the fp16 embedding's (32000 x 4096 x
 2 B = 0.244 GiB): LOMO updates and drops each gradient as the next arrives, and at its step's
 peak (the loss) it holds none.
+
+Further down: the orderings of seed 000 (LLaMA-Factory users' ZeRO-3 runs on 8 GPUs) on
+simulated ranks, and QLoRA's weight size. ``python benchmarks/reference_table.py`` prints every
+figure here beside ours, DeepSpeed's estimator and LLaMA-Factory's table, with the error.
 """
 
 from __future__ import annotations
