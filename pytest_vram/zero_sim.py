@@ -23,13 +23,17 @@ Activations come from a trace in which each gradient is dropped as it arrives, s
 the forward and backward's (every rank runs the whole model on its own micro-batch), not an
 unsharded optimizer step's. The step's own peak is the model state plus AdamW's two
 temporaries on the rank's fp32 partition (ZeRO-3: per sub-group); a rank's peak is the larger
-of the two. ZeRO-3's gathered layers and the reduction buckets are not simulated: on the real
-engine an LLM's peak is at the loss, where no layer is gathered (``tests/test_zero_sim.py``
-compares peaks), and the result's notes say so. The trace is of the model as the method
-builds it: peft's fp32 upcasts, which the engine casts back to bf16, stay in its activations
-(for QLoRA under ZeRO-2, 37% above the engine on tiny-llama). Neither is the device-side staging of what
-offload moves to the host: with offload the simulated peak is under the engine's (by 15% and
-26% on tiny-llama's offloaded cases).
+of the two. ``tests/test_zero_sim.py`` compares the peaks with the real engine's.
+
+Not simulated, and said so in the result's notes:
+
+* ZeRO-3's gathered layers and the reduction buckets. On the real engine an LLM's peak is at
+  the loss, where no layer is gathered.
+* The device-side staging of what offload moves to the host: with offload the simulated peak
+  is under the engine's (by 15% and 26% on tiny-llama's offloaded cases).
+* DeepSpeed's cast of peft's fp32 upcasts back to bf16: the trace is of the model as the method
+  builds it, and its activations err high (QLoRA under ZeRO-2: 37% above the engine on
+  tiny-llama).
 """
 
 from __future__ import annotations
