@@ -24,7 +24,7 @@ import peft  # noqa: F401
 import torch  # noqa: F401
 
 from pytest_vram import StepSpec, references
-from pytest_vram.estimate import deepspeed_figure
+from pytest_vram.estimate import base_params, deepspeed_figure
 from pytest_vram.meters.base import GIB, MemoryResult
 from pytest_vram.meters.fake import FakeMeter
 from pytest_vram.step import run_step
@@ -135,16 +135,10 @@ def _seed_000_ds(model: str) -> Callable[[], float | None]:
     def figure() -> float | None:
         r = traced(**{**SEED_000, "model": model, "method": "full"})
         spec = StepSpec(**{**SEED_000, "model": model})
-        f = deepspeed_figure(spec, r.total_params, _largest(model))
+        f = deepspeed_figure(spec, r.total_params, base_params(model)[1])
         return None if isinstance(f, str) else 8 * gib(f.gpu_bytes)
 
     return figure
-
-
-def _largest(model: str) -> int:
-    from pytest_vram.estimate import _base_params
-
-    return _base_params(model)[1]
 
 
 def _qlora_weights(model: str) -> float:

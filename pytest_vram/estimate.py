@@ -26,6 +26,7 @@ __all__ = [
     "DeepSpeedFigure",
     "Estimate",
     "add_arguments",
+    "base_params",
     "command",
     "config_shape",
     "deepspeed_figure",
@@ -165,7 +166,7 @@ def deepspeed_figure(
     )
 
 
-def _base_params(name: str) -> tuple[int, int]:
+def base_params(name: str) -> tuple[int, int]:
     """Parameters of the base model and of its largest module (DeepSpeed's "largest layer"),
     counted on the meta device: shapes only, in about a second for 32B."""
     import torch
@@ -294,7 +295,7 @@ def estimate(spec: StepSpec, capacity_bytes: int | None = None) -> Estimate:
         raise methods.Unsupported(reason)
     # With zero set, run_step traces the step without DeepSpeed and lays it out per rank.
     result = run_step(spec, FakeMeter())
-    base, largest = _base_params(spec.model)
+    base, largest = base_params(spec.model)
     return Estimate(
         spec=spec,
         result=result,
