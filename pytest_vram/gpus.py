@@ -187,11 +187,38 @@ def skip_reason(
 
 
 def _gpu_count() -> int:
-    """GPUs on the machine, whatever CUDA_VISIBLE_DEVICES says; asked of a fresh interpreter."""
+    """GPUs on the machine, whatever CUDA_VISIBLE_DEVICES says; asked of a fresh interpreter,
+    with the NVML-based count, which leaves that interpreter's CUDA uninitialised."""
     env = {k: v for k, v in os.environ.items() if k != VISIBLE}
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     code = "import torch; print(torch.cuda.device_count())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    return int(proc.stdout.strip() or 0)
+    return parse_gpu_count(proc.returncode, proc.stdout, proc.stderr)
+
+
+def parse_gpu_count(returncode: int, stdout: str, stderr: str) -> int:
+    """The count a ``print(torch.cuda.device_count())`` interpreter printed; a failed one is a
+    UsageError with its last line, never "0 GPUs"."""
+    text = stdout.strip().splitlines()[-1:] or [""]
+    if returncode == 0 and text[0].isdigit():
+        return int(text[0])
+    detail = (stderr.strip() or stdout.strip() or "no output").splitlines()[-1]
+    raise pytest.UsageError(
+        f"--gpu: could not count the GPUs: python -c 'import torch; "
+        f"print(torch.cuda.device_count())' exited with {returncode}: {detail}"
+    )
+
+
+def check_workers(workers: int) -> None:
+    """In the xdist controller, before any worker starts: more workers than visible GPUs is one
+    usage error here, not one per worker."""
+    if workers < 1:
+        return
+    count = _gpu_count()
+    try:
+        worker_env("gw0", workers, os.environ, count)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def assign_gpus(workerinput: dict[str, Any] | None) -> list[str]:

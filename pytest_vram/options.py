@@ -192,7 +192,9 @@ class Settings:
     @property
     def snapshots_dir(self) -> Path:
         """Where memory snapshots of failing GPU cases are kept."""
-        base = self.json_path.parent if self.json_path else self.baselines_dir.parent / ".vram-report"
+        base = (
+            self.json_path.parent if self.json_path else self.baselines_dir.parent / ".vram-report"
+        )
         return base / "snapshots"
 
 

@@ -7,9 +7,10 @@ from typing import Final
 import pytest
 
 from pytest_vram import methods
+from pytest_vram.gpus import assign_gpus, check_gpu_visible, check_workers
 from pytest_vram.marker import MARKER
 from pytest_vram.options import add_options, resolve
-from pytest_vram.session import Recorder, VramSession, assign_gpus, check_gpu_visible
+from pytest_vram.session import Recorder, VramSession
 
 SESSION: Final = pytest.StashKey[VramSession]()
 _REGISTRY: Final = pytest.StashKey[methods.Snapshot]()
@@ -40,6 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = resolve(config)
     if settings.gpu and not hasattr(config, "workerinput"):
         check_gpu_visible()
+        check_workers(getattr(config.option, "numprocesses", None) or 0)
     session = VramSession(config, settings)
     if settings.gpu:
         session.gpu_devices = assign_gpus(getattr(config, "workerinput", None))

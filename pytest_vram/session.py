@@ -12,7 +12,6 @@ import pytest
 
 from pytest_vram import gpus, invariants
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
-from pytest_vram.gpus import assign_gpus, check_gpu_visible
 from pytest_vram.marker import MARKER, MarkerArgs, check_capacity, check_device, parse_marker
 from pytest_vram.meters import unsupported
 from pytest_vram.meters.base import GIB, MemoryResult
@@ -22,7 +21,7 @@ from pytest_vram.spec import SpecError, StepSpec
 from pytest_vram.verdict import Budget, CaseVerdict, judge
 from pytest_vram.worker import CaseFailure, Job, Worker
 
-__all__ = ["RESULTS", "Recorder", "VramSession", "assign_gpus", "check_gpu_visible"]
+__all__ = ["RESULTS", "Recorder", "VramSession"]
 
 MARKER_ARGS: Final = pytest.StashKey[MarkerArgs]()
 RESULTS: Final = pytest.StashKey[list[MemoryResult]]()
@@ -135,6 +134,9 @@ class VramSession:
         self.measured: dict[tuple[str, str, tuple[str, ...]], MemoryResult] = {}
         self._snapshot_tmp: str | None = None
         self.gpu_devices: list[str] | None = None  # with --gpu: the GPUs this process may use
+        # The meter the worker server is preloaded for: a test marked device="cuda" needs the
+        # cuda server even in a host session (its preload must leave fork usable).
+        self.worker_meter = settings.device
         self._stores: dict[str, BaselineStore] = {}
         self.collected: dict[str, set[str]] = defaultdict(set)  # module -> test ids
         self.modules: dict[str, pytest.Module] = {}
@@ -170,7 +172,7 @@ class VramSession:
     @property
     def worker(self) -> Worker:
         if self._worker is None:
-            self._worker = Worker()
+            self._worker = Worker(self.worker_meter)
         return self._worker
 
     def store(self, device: str) -> BaselineStore:
@@ -197,6 +199,8 @@ class VramSession:
             except SpecError as exc:
                 problems.append(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}")
                 continue
+            if args.device == "cuda":
+                self.worker_meter = "cuda"
             if "model" in args.spec_defaults:  # a whole spec: the meter can be asked now
                 meter = args.device or self.settings.device
                 reason = unsupported(meter, StepSpec.from_kwargs(**args.spec_defaults))

@@ -115,6 +115,7 @@ def _result(
     meter_versions = getattr(meter, "versions", None)
     if meter_versions is not None:
         versions.update(meter_versions())
+    meter_environment = getattr(meter, "environment", None)
     return MemoryResult(
         label=label,
         meter=meter.name,
@@ -132,6 +133,7 @@ def _result(
         total_params=sum(_numel(p) for p in params),
         param_dtype_bytes=_dtype_bytes(params),
         versions=versions,
+        environment=meter_environment() if meter_environment is not None else {},
         notes=notes + tuple(getattr(meter, "notes", ())),
     )
 
@@ -197,7 +199,9 @@ class _Plain:
         return self.opt.notes(self.optimizer)
 
 
-def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
+def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> MemoryResult:
+    """One case under ``meter``; a ZeRO spec runs on ``spec.ranks`` forked ranks, each of
+    which imports ``rank_imports`` first."""
     method = methods.METHODS[spec.method]
     opt = methods.OPTIMIZERS[spec.optimizer]
     for part in (method, opt):
@@ -217,7 +221,7 @@ def run_step(spec: StepSpec, meter: Meter) -> MemoryResult:
             )
         from pytest_vram import zero
 
-        return zero.run_ranks(spec, meter, _run)
+        return zero.run_ranks(spec, meter, _run, rank_imports)
     return _run(spec, meter)
 
 

@@ -10,7 +10,16 @@ from pytest_vram.meters.base import GIB, MemoryResult, gib
 
 __all__ = ["Budget", "CaseVerdict", "judge", "versions_changed"]
 
-Status = Literal["ok", "over-capacity", "over-budget", "leak", "drift-up", "drift-down", "no-baseline", "recorded"]
+Status = Literal[
+    "ok",
+    "over-capacity",
+    "over-budget",
+    "leak",
+    "drift-up",
+    "drift-down",
+    "no-baseline",
+    "recorded",
+]
 BaselineAction = Literal["created", "updated", "unchanged"]
 _VERSION_KEYS: Final = ("python", "torch", "transformers", "peft", "pytest-vram")
 
@@ -29,7 +38,7 @@ class Budget:
 
 
 def versions_changed(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
-    keys = sorted(set(old) | set(new), key=lambda k: (_VERSION_KEYS + (k,)).index(k))
+    keys = sorted(set(old) | set(new), key=lambda k: ((_VERSION_KEYS + (k,)).index(k), k))
     return [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys if old.get(k) != new.get(k)]
 
 
@@ -162,6 +171,13 @@ def judge(
                 if changed
                 else ("no library version changed since the baseline")
             )
+            if baseline.environment:  # recorded before the field existed: nothing to compare
+                moved = versions_changed(baseline.environment, result.environment)
+                why += "; " + (
+                    "environment changed: " + ", ".join(moved)
+                    if moved
+                    else "the recorded environment is the same"
+                )
             line = (
                 f"peak {gib(peak):.3f} GiB is {drift:+.1%} ({gib(peak - baseline.peak_bytes):+.3f} GiB) "
                 f"from baseline {gib(baseline.peak_bytes):.3f} GiB, beyond tolerance "

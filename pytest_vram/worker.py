@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import pickle
 import signal
@@ -21,14 +22,18 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Final, Literal, final
 
+from pytest_vram.errors import is_oom
+from pytest_vram.forksafe import ARM_VARIABLE, NVML_CHECK
 from pytest_vram.meters.base import MemoryResult
 from pytest_vram.spec import SpecError, StepSpec
 
-__all__ = ["CaseFailure", "Job", "Worker"]
+__all__ = ["RANK_PARENT_MODULES", "CaseFailure", "Job", "Worker", "preload_modules"]
 
-# Imported once in the server. Libraries that make tensors at import time (peft, badam) must
-# be here, or those bytes land in the first measured window. Missing ones are skipped.
-PRELOAD: Final = (
+# Imported once in the server, before any case forks from it. Libraries that make tensors at
+# import time (peft, badam) must be in the host meter's list, or those bytes land in the first
+# measured window; a case child imports its meter's list again (a no-op when the server had it)
+# so a host case measures the same in a GPU session's server. Missing ones are skipped.
+_HOST_PRELOAD: Final = (
     "torch",
     "transformers",
     "peft",
@@ -37,6 +42,37 @@ PRELOAD: Final = (
     "pytest_vram.step",
     "pytest_vram.meters.host",
 )
+# The cuda server's children must not be forks of a process that touched CUDA: only modules
+# that call no torch.cuda probe at import (tests/test_forksafe.py checks each one). peft, badam
+# and trl import bitsandbytes, which calls is_available(), device_count() and, on a GPU,
+# get_device_capability() at import; the cases import them after the fork.
+_CUDA_PRELOAD: Final = (
+    "pytest_vram.forksafe",  # first: arms itself (ARM_VARIABLE) so later probes are remembered
+    "torch",
+    "transformers",
+    "pytest_vram.step",
+    "pytest_vram.meters.cuda",
+)
+# What a cuda case's child imports before it forks its ZeRO ranks; the same rule applies.
+RANK_PARENT_MODULES: Final = (
+    "pytest_vram.meters",
+    "pytest_vram.methods",
+    "pytest_vram.stages",
+    "pytest_vram.zero",
+)
+# Set for the cuda server: is_available()/device_count() ask NVML and leave fork usable.
+_CUDA_SERVER_ENV: Final = {NVML_CHECK: "1", ARM_VARIABLE: "1"}
+
+
+def preload_modules(meter: str) -> tuple[str, ...]:
+    """The modules a worker server for ``meter`` imports before forking its cases."""
+    if meter == "cuda":
+        return _CUDA_PRELOAD
+    if meter in ("host", "fake"):
+        return _HOST_PRELOAD
+    raise ValueError(f"unknown meter {meter!r}; known: host, cuda, fake")
+
+
 _TAIL_LINES: Final = 20
 # After the child has sent its result it only has to exit; do not wait long for that.
 _EXIT_GRACE_S: Final = 30.0
@@ -100,33 +136,38 @@ class CaseFailure:
 def _execute(job: Job) -> MemoryResult:
     import importlib
 
+    from pytest_vram import zero
     from pytest_vram.meters import make_meter
     from pytest_vram.step import measure_fn, run_step
 
-    if job.meter != "cuda":
-        # DeepSpeed picks its accelerator once, at import: an imported patch must not pick CUDA.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for module in job.imports:
+    on_gpu = job.meter == "cuda"
+    if on_gpu:
+        from pytest_vram import forksafe
+
+        forksafe.arm()  # a case child may fork ranks: remember who touches CUDA before that
+        forksafe.check_fork("this case's child process")
+    # DeepSpeed picks its accelerator once, at import, from DS_ACCELERATOR: whatever the user
+    # exported, the host meter's ranks must get the CPU one and the cuda meter's CUDA.
+    zero.set_accelerator(on_gpu)
+    for module in preload_modules(job.meter):
+        importlib.import_module(module)  # a host case in the cuda server imports peft here
+    # A cuda case that forks ranks imports the user's modules in each rank, after the fork:
+    # one that imports DeepSpeed or bitsandbytes would initialise CUDA in the ranks' parent.
+    forks = on_gpu and job.spec is not None and job.spec.zero is not None
+    for module in () if forks else job.imports:
         importlib.import_module(module)
 
     meter = make_meter(job.meter, **job.meter_options)
     if job.spec is not None:
-        return run_step(job.spec, meter)
+        return run_step(job.spec, meter, rank_imports=job.imports if forks else ())
     assert job.fn is not None
     return measure_fn(job.fn, job.args, job.kwargs, meter)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc)
-    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
 
 
 def _kind(exc: BaseException) -> FailureKind:
     from pytest_vram.methods import Unsupported
 
-    if _is_oom(exc):
+    if is_oom(exc):
         return "oom"
     if isinstance(exc, SpecError):
         return "spec"
@@ -172,17 +213,55 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code} before sending a result"
 
 
+_server_meter: str | None = None  # the meter the running forkserver was preloaded for
+
+
+def _start_server(meter: str) -> str:
+    """Start multiprocessing's forkserver (one per process) for ``meter``; the meter it serves.
+
+    The cuda server gets its variables for its own life only: set in this process they would
+    reach pytester's subprocesses and arm the probes there at collection."""
+    global _server_meter
+    if _server_meter is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload_modules(meter)))
+        env = _CUDA_SERVER_ENV if meter == "cuda" else {}
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        _server_meter = meter
+    return _server_meter
+
+
 @final
 class Worker:
-    """Runs jobs in forked children of a preloaded forkserver; one per pytest process."""
+    """Runs jobs in forked children of a preloaded forkserver; one per pytest process.
 
-    def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
+    ``meter`` is the session's meter: "cuda" preloads only what leaves fork usable. Host and
+    fake cases run in either server; a cuda case needs the cuda server."""
+
+    def __init__(self, meter: str = "host") -> None:
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(list(preload))
+        self.meter = _start_server(meter)
 
     def run(self, job: Job, timeout_s: float) -> MemoryResult | CaseFailure:
         if job.fn is not None:
             job.check_picklable()
+        if job.meter == "cuda" and self.meter != "cuda":
+            return CaseFailure(
+                job.label,
+                "spec",
+                f"a cuda case cannot run in this session's worker, which serves the {self.meter} "
+                "meter and preloads libraries that initialise CUDA; run with --gpu (or "
+                "--vram-device cuda), or mark the test with device='cuda'",
+            )
         fd, output_path = tempfile.mkstemp(prefix="pytest-vram-case-", suffix=".log")
         os.close(fd)
         try:

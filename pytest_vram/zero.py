@@ -15,22 +15,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import torch
 
 from pytest_vram import methods
+from pytest_vram.errors import is_oom
 from pytest_vram.meters.base import MemoryResult, Meter, Roles
 from pytest_vram.spec import StepSpec
 
-__all__ = ["ZeroTrainer", "build_ops", "ds_config", "run_ranks"]
+__all__ = [
+    "RankOutOfMemory",
+    "ZeroTrainer",
+    "build_ops",
+    "ds_config",
+    "run_ranks",
+    "set_accelerator",
+]
 
 # DeepSpeed attributes holding, per stage, the flat model weights and the gradient partitions (deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, 0.16-0.19).
 _PARAM_ATTRS: Final = (
@@ -228,16 +237,22 @@ class ZeroTrainer:
         return ()  # the config is in the result (zero_config)
 
 
-def _use_cpu_accelerator(on_gpu: bool) -> None:
-    if not on_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"  # read once, when deepspeed is imported
+def set_accelerator(on_gpu: bool) -> None:
+    """DeepSpeed's accelerator for this process and its ranks, whatever the user exported:
+    DeepSpeed reads DS_ACCELERATOR once, when it is imported, and a GPU rank given the CPU
+    accelerator (or a host rank given CUDA's) would measure the wrong device."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
+
+
+class RankOutOfMemory(MemoryError):
+    """A rank ran out of memory; the message names the rank and carries its traceback."""
 
 
 def build_ops() -> list[str]:
     """JIT-build the DeepSpeed ops a ZeRO case loads (on CPU, the shared-memory collectives
     ``init_distributed`` uses: about 50 s the first time). Builds land in
     TORCH_EXTENSIONS_DIR and are reused; run this once in CI rather than inside a timed case."""
-    _use_cpu_accelerator(torch.cuda.is_available())
+    set_accelerator(torch.cuda.is_available())
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -261,6 +276,7 @@ def _rank_main(
     body: Callable[[StepSpec, Meter], MemoryResult],
     port: int,
     conn: multiprocessing.connection.Connection,
+    imports: Sequence[str],
 ) -> None:
     try:
         world = str(spec.ranks)
@@ -273,10 +289,18 @@ def _rank_main(
             MASTER_PORT=str(port),
         )
         on_gpu = meter.device.startswith("cuda")
-        _use_cpu_accelerator(on_gpu)
-        if on_gpu:  # each rank on its own device
+        set_accelerator(on_gpu)
+        if on_gpu:
+            from pytest_vram import forksafe
+
+            forksafe.check_fork(f"rank {rank} of {spec.ranks}")
+            # Each rank on its own device, chosen before the process group: nccl binds its
+            # communicator to the current device, and every .cuda() call lands there.
+            torch.cuda.set_device(rank)
             meter.device_index = rank  # type: ignore[attr-defined]
             meter.device = f"cuda:{rank}"
+        for module in imports:  # the user's modules, after the fork (see worker._execute)
+            importlib.import_module(module)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -284,21 +308,25 @@ def _rank_main(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         conn.send(("ok", result.to_json()))
-    except BaseException:  # noqa: B036 - every way out becomes a message
-        conn.send(("error", traceback.format_exc()))
+    except BaseException as exc:  # noqa: B036 - every way out becomes a message
+        conn.send(("oom" if is_oom(exc) else "error", traceback.format_exc()))
     finally:
         conn.close()
 
 
 def run_ranks(
-    spec: StepSpec, meter: Meter, body: Callable[[StepSpec, Meter], MemoryResult]
+    spec: StepSpec,
+    meter: Meter,
+    body: Callable[[StepSpec, Meter], MemoryResult],
+    imports: Sequence[str] = (),
 ) -> MemoryResult:
     """Run ``body`` on ``spec.ranks`` forked processes; the result of the worst rank, with all.
 
     Plain ``os.fork``: the case's child is a daemon process, which multiprocessing forbids to
     have children. The ranks stay in the case's process group, so a timeout kills them too.
     Fork from a process that has not computed yet (the worker's case child): a process whose
-    torch thread pools are running can hang in its forked ranks."""
+    torch thread pools are running can hang in its forked ranks. ``imports`` are imported in
+    each rank after the fork."""
     port = _free_port()
     pids, conns = [], []
     for rank in range(spec.ranks):
@@ -308,7 +336,7 @@ def run_ranks(
             recv.close()
             code = 0
             try:
-                _rank_main(rank, spec, meter, body, port, send)
+                _rank_main(rank, spec, meter, body, port, send, imports)
             except BaseException:  # noqa: B036 - the message is sent; never return into the caller
                 code = 1
             finally:
@@ -333,6 +361,10 @@ def run_ranks(
                         f"rank {rank} of {spec.ranks} ended ({_status(status)}) "
                         "before sending a result"
                     ) from None
+                if kind == "oom":
+                    raise RankOutOfMemory(
+                        f"rank {rank} of {spec.ranks} ran out of memory:\n{payload}"
+                    )
                 if kind != "ok":
                     raise RuntimeError(f"rank {rank} of {spec.ranks} failed:\n{payload}")
                 results[rank] = MemoryResult.from_json(payload)
@@ -346,6 +378,16 @@ def run_ranks(
             if pid:
                 os.waitpid(pid, 0)
     return combine(spec, [results[r] for r in range(spec.ranks)])
+
+
+def rank_error(rank: int, ranks: int, kind: str, payload: str) -> Exception:
+    """The case's error for a rank's failure message; an out-of-memory one stays one, so the
+    worker reports it as out of memory, naming the rank."""
+    lines = payload.strip().splitlines()
+    last = f": {lines[-1]}" if lines else ""
+    if kind == "oom":
+        return RankOutOfMemory(f"rank {rank} of {ranks} ran out of memory{last}\n{payload}")
+    return RuntimeError(f"rank {rank} of {ranks} failed{last}\n{payload}")
 
 
 def _status(status: int) -> str:

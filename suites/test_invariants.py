@@ -2,13 +2,17 @@
 
 The seed tables show each of these breaking in the wild (QLoRA above LoRA, offload above no
 offload, estimate tables 10-20% low); a failure names both cases and both numbers.
+
+Budgets are 0.25 GiB though no host peak here reaches 80 MiB: they are sized for the GPU, whose
+reserved peak adds the cuBLAS workspace, foreach AdamW's temporaries and the caching
+allocator's segment rounding (README, "The shipped suite on a GPU").
 """
 
 from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.vram_budget(gb=0.125, model="tiny-llama", batch=2, seq=64)
+pytestmark = pytest.mark.vram_budget(gb=0.25, model="tiny-llama", batch=2, seq=64)
 
 
 def test_method_model_states_qlora_lora_freeze_full(vram) -> None:

@@ -2,6 +2,10 @@
 
 Each case runs two real training steps in an isolated child under the selected meter and is
 checked against its budget and the committed baseline of this device.
+
+Budgets are 0.25 GiB though no host peak here reaches 80 MiB: they are sized for the GPU, whose
+reserved peak adds the cuBLAS workspace, foreach AdamW's temporaries and the caching
+allocator's segment rounding (README, "The shipped suite on a GPU").
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 
 
-@pytest.mark.vram_budget(gb=0.125, model="tiny-llama", batch=2, seq=128)
+@pytest.mark.vram_budget(gb=0.25, model="tiny-llama", batch=2, seq=128)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("method", METHODS)
@@ -29,7 +33,7 @@ def test_step(vram, method: str, optimizer: str, precision: str) -> None:
         assert r.trainable_params < r.total_params
 
 
-@pytest.mark.vram_budget(gb=0.125, model="tiny-llama", method="lora", batch=2, seq=128)
+@pytest.mark.vram_budget(gb=0.25, model="tiny-llama", method="lora", batch=2, seq=128)
 def test_grad_ckpt_saves_activations(vram) -> None:
     plain = vram.step()
     ckpt = vram.step(grad_ckpt=True)

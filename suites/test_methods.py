@@ -3,6 +3,10 @@
 Each case is one real two-step run in an isolated child on the selected meter, checked against
 its budget and the committed baseline of this device. A combination a library cannot run on
 this device is skipped with the library call that prevents it.
+
+Budgets are 0.25 GiB though no host peak here reaches 80 MiB: they are sized for the GPU, whose
+reserved peak adds the cuBLAS workspace, foreach AdamW's temporaries and the caching
+allocator's segment rounding (README, "The shipped suite on a GPU").
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ CASES = [
 ]
 
 
-@pytest.mark.vram_budget(gb=0.125, model="tiny-llama", batch=2, seq=64)
+@pytest.mark.vram_budget(gb=0.25, model="tiny-llama", batch=2, seq=64)
 @pytest.mark.parametrize(("method", "optimizer"), CASES, ids=[f"{m}-{o}" for m, o in CASES])
 def test_method(vram, method: str, optimizer: str) -> None:
     r: MemoryResult = vram.step(method=method, optimizer=optimizer)
@@ -48,19 +52,19 @@ def test_method(vram, method: str, optimizer: str) -> None:
         assert r.trainable_params < r.total_params
 
 
-@pytest.mark.vram_budget(gb=0.125, model="tiny-llama", batch=2, seq=64, stage="dpo")
+@pytest.mark.vram_budget(gb=0.25, model="tiny-llama", batch=2, seq=64, stage="dpo")
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_dpo(vram, method: str) -> None:
     vram.step(method=method)
 
 
-@pytest.mark.vram_budget(gb=0.125, model="tiny-qwen2-vl", batch=2, seq=96)
+@pytest.mark.vram_budget(gb=0.25, model="tiny-qwen2-vl", batch=2, seq=96)
 @pytest.mark.parametrize("method", ["full", "freeze", "lora", "qlora"])
 def test_vision_language(vram, method: str) -> None:
     vram.step(method=method)
 
 
-@pytest.mark.vram_budget(gb=0.125, model="tiny-llama", method="lora", batch=2, seq=64, steps=4)
+@pytest.mark.vram_budget(gb=0.25, model="tiny-llama", method="lora", batch=2, seq=64, steps=4)
 def test_no_growth_across_steps(vram) -> None:
     """Four steps: 2, 3 and 4 must peak the same (the marker's leak_tolerance is 0)."""
     r = vram.step()

@@ -1,9 +1,13 @@
 """DeepSpeed ZeRO stages 0-3, with and without optimizer offload, on two ranks.
 
-The seeds' worst surprises are ZeRO ones: ZeRO-3 with CPU offload made a 32B LoRA run take
-188.8 GB instead of 75.4 GB. Each case runs the real engine on two gloo ranks; on the host
+The worst surprises users report are ZeRO ones: LLaMA-Factory users measured 188.8 GB instead
+of 75.4 GB for a 32B LoRA run under ZeRO-3 with CPU offload. Each case runs the real engine on two gloo ranks; on the host
 meter, offloaded state is tagged as host memory when DeepSpeed makes it, so "offload must not
 raise device memory" is checked here as a GPU run would check it. Comparisons are per rank.
+
+Budgets are 0.25 GiB though no host peak here reaches 80 MiB: they are sized for the GPU, whose
+reserved peak adds the cuBLAS workspace, foreach AdamW's temporaries and the caching
+allocator's segment rounding (README, "The shipped suite on a GPU").
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 pytestmark = pytest.mark.vram_budget(
-    gb=0.125, model="tiny-llama", precision="bf16", batch=2, seq=64, zero=2, ranks=2
+    gb=0.25, model="tiny-llama", precision="bf16", batch=2, seq=64, zero=2, ranks=2
 )
 
 CASES = [(0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer")]

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import json
 import multiprocessing.forkserver  # noqa: F401 - see below
+import os
+import sys
 import textwrap
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from pytest_vram.meters.base import MemoryResult
+    from pytest_vram.spec import StepSpec
 
 # Imported here, outside any pytester run: pytester restores sys.modules after each in-process
 # run, and a multiprocessing.forkserver first imported inside a run would be dropped with its
@@ -105,18 +113,206 @@ def vram_project(pytester: pytest.Pytester) -> VramProject:
 
 
 # -- tests that need a real GPU run only under --gpu ------------------------------------------
+#
+# ``@pytest.mark.gpu`` tests measure through the plugin's worker (``gpu_case``), as a session
+# does. ``@pytest.mark.gpu(inprocess=True)`` marks the ones that touch CUDA in the pytest process
+# itself: that leaves a CUDA context and cached blocks here for the rest of the session, and
+# where NVML falls back to the whole device's numbers (a container's PID namespace) later cases
+# would count them, so under --gpu they run after all others.
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a visible GPU; runs only under --gpu")
+    config.addinivalue_line(
+        "markers",
+        "gpu(inprocess=False): needs a visible GPU; runs only under --gpu. inprocess=True: "
+        "touches CUDA in the pytest process, so it runs after all other tests",
+    )
+
+
+def _inprocess(item: pytest.Item) -> bool:
+    mark = item.get_closest_marker("gpu")
+    return mark is not None and bool(mark.kwargs.get("inprocess", False))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from pytest_vram.plugin import SESSION
 
     if config.stash[SESSION].settings.gpu:
+        items.sort(key=_inprocess)  # stable: the others keep their order
         return
     skip = pytest.mark.skip(reason="needs a GPU: run with --gpu")
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _release_cuda_cache() -> Iterator[None]:
+    """After a test that used CUDA here, hand its cached blocks back to the driver."""
+    yield
+    torch = sys.modules.get("torch")  # not imported: nothing to release, and no import for it
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def gpu_case(request: pytest.FixtureRequest) -> Callable[..., MemoryResult]:
+    """``gpu_case(spec, **meter_options)``: the case measured by the cuda meter in a fork of the
+    plugin's worker, as a session measures it; a case that fails fails the test."""
+    from pytest_vram.plugin import SESSION
+    from pytest_vram.worker import CaseFailure, Job
+
+    session = request.config.stash[SESSION]
+
+    def run(spec: StepSpec, **meter_options: Any) -> MemoryResult:
+        __tracebackhide__ = True
+        job = Job("cuda", spec=spec, meter_options=meter_options)
+        out = session.worker.run(job, session.settings.timeout_s)
+        if isinstance(out, CaseFailure):
+            pytest.fail(out.long_repr(), pytrace=False)
+        return out
+
+    return run
+
+
+# -- NVML and CUDA without a GPU: stand-ins for the meter's logic in CPU tests ---------------
+
+FAKE_UUID = "GPU-8a1b2c3d-0000-1111-2222-333344445555"
+
+
+class FakeNvml(types.ModuleType):
+    """pynvml for machines without an NVIDIA driver: one GPU (``FAKE_UUID``) with this process
+    on it. ``fail[name] = exc`` makes the function ``name`` raise ``exc`` from then on."""
+
+    NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_ERROR_NOT_FOUND = 6
+    NVML_DEVICE_MIG_DISABLE = 0
+    NVML_DEVICE_MIG_ENABLE = 1
+
+    class NVMLError(Exception):
+        def __init__(self, value: int) -> None:
+            super().__init__(value)
+            self.value = value
+
+        def __str__(self) -> str:
+            return f"NVML error {self.value}"
+
+    # As in nvidia-ml-py: not an NVMLError.
+    class NVMLLibraryMismatchError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        super().__init__("pynvml")
+        self.fail: dict[str, BaseException] = {}
+        self.calls: dict[str, int] = {}
+        self.name = "NVIDIA H100 80GB HBM3"
+        self.total_bytes = 80 * GIB
+        self.used_bytes = 300 * 2**20
+        self.listed = True  # is this process in the device's process list
+        self.mig_current = self.NVML_DEVICE_MIG_DISABLE
+        self.mig_device = False  # is the handle a MIG slice's
+
+    def _call(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.fail:
+            raise self.fail[name]
+
+    def nvmlInit(self) -> None:
+        self._call("nvmlInit")
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+        self._call("nvmlDeviceGetHandleByUUID")
+        if uuid != FAKE_UUID:
+            raise self.NVMLError(self.NVML_ERROR_NOT_FOUND)
+        return "handle-0"
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._call("nvmlDeviceGetCount")
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        self._call("nvmlDeviceGetHandleByIndex")
+        if index != 0:
+            raise self.NVMLError(self.NVML_ERROR_NOT_FOUND)
+        return "handle-0"
+
+    def nvmlDeviceGetUUID(self, handle: str) -> str:
+        self._call("nvmlDeviceGetUUID")
+        return FAKE_UUID
+
+    def nvmlDeviceGetName(self, handle: str) -> str:
+        self._call("nvmlDeviceGetName")
+        return self.name
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[types.SimpleNamespace]:
+        self._call("nvmlDeviceGetComputeRunningProcesses")
+        if not self.listed:
+            return []
+        return [types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.used_bytes)]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> types.SimpleNamespace:
+        self._call("nvmlDeviceGetMemoryInfo")
+        return types.SimpleNamespace(total=self.total_bytes, used=self.used_bytes + GIB)
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._call("nvmlSystemGetDriverVersion")
+        return "550.54.15"
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        self._call("nvmlSystemGetCudaDriverVersion")
+        return 12040
+
+    def nvmlDeviceIsMigDeviceHandle(self, handle: str) -> int:
+        self._call("nvmlDeviceIsMigDeviceHandle")
+        return int(self.mig_device)
+
+    def nvmlDeviceGetMigMode(self, handle: str) -> list[int]:
+        self._call("nvmlDeviceGetMigMode")
+        return [self.mig_current, self.mig_current]
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    """``import pynvml`` gives a ``FakeNvml``, initialised afresh."""
+    from pytest_vram.meters import nvml
+
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(nvml, "_initialised_pid", None)  # a real NVML may have been started
+    return fake
+
+
+class FakeCuda:
+    """What the cuda meter asks of torch.cuda, for entering it without a GPU: one device whose
+    peak counters the test sets; ``calls`` lists the calls that change the allocator's state."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.props = types.SimpleNamespace(
+            name="NVIDIA GeForce RTX 4090",
+            total_memory=24 * GIB,
+            uuid=FAKE_UUID.removeprefix("GPU-"),  # torch's UUIDs are bare
+            major=8,
+            minor=9,
+        )
+        self.allocated_bytes = 100 * 2**20
+        self.reserved_bytes = 128 * 2**20
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    import torch
+
+    fake = FakeCuda()
+
+    def recorder(name: str) -> Callable[..., None]:
+        return lambda *args: fake.calls.append(name)
+
+    for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, recorder(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: fake.props)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: fake.allocated_bytes)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: fake.reserved_bytes)
+    return fake

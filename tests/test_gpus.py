@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
+from pytest_vram import gpus
 from pytest_vram.gpus import (
     devices_for_worker,
     skip_reason,
@@ -259,3 +261,46 @@ def test_reason_names_the_worker_or_the_run() -> None:
 def test_ranks_below_one_is_an_error(ranks: int) -> None:
     with pytest.raises(ValueError, match=f"ranks_needed must be >= 1, got {ranks}"):
         skip_reason(ranks, ["0"])
+
+
+# -- counting GPUs, and the controller's check of -n -------------------------------------------
+
+
+def test_a_printed_count_is_the_count() -> None:
+    assert gpus.parse_gpu_count(0, "4\n", "") == 4
+    assert gpus.parse_gpu_count(0, "a warning first\n0\n", "") == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "out", "err", "detail"),
+    [
+        (1, "", "Traceback ...\nImportError: libcuda.so.1: cannot open", "ImportError: libcuda"),
+        (0, "", "", "exited with 0: no output"),
+        (-9, "", "", "exited with -9"),
+    ],
+)
+def test_a_failed_count_is_a_usage_error_not_zero_gpus(
+    code: int, out: str, err: str, detail: str
+) -> None:
+    with pytest.raises(pytest.UsageError, match="could not count the GPUs") as info:
+        gpus.parse_gpu_count(code, out, err)
+    assert detail in str(info.value)
+
+
+def test_this_interpreter_counts_without_initialising_cuda() -> None:
+    # The real subprocess: on a CPU build it prints 0.
+    assert gpus._gpu_count() == torch.cuda.device_count()
+
+
+def test_more_workers_than_gpus_is_one_error_in_the_controller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gpus, "_gpu_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(pytest.UsageError, match=r"pytest -n 2 --gpu: 1 GPU\(s\) visible for 2"):
+        gpus.check_workers(2)
+    gpus.check_workers(1)  # one worker, one GPU: fine
+    gpus.check_workers(0)  # no xdist: nothing to check, nothing counted
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(pytest.UsageError, match="no GPU visible for 1 xdist worker"):
+        gpus.check_workers(1)

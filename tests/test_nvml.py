@@ -1,7 +1,7 @@
 """NVML helpers: the pure logic and the sampler's thread everywhere, NVML itself only under --gpu.
 
-The sampler tests replace NVML with a ``read`` function, the one stand-in these tests use:
-NVML needs an NVIDIA driver, which CI machines do not have.
+NVML needs an NVIDIA driver, which CI machines do not have: the sampler tests replace it with a
+``read`` function, and the tests of how starting or asking NVML fails with conftest's FakeNvml.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import pynvml
 import pytest
 import torch
 
+from conftest import FAKE_UUID, FakeNvml
 from pytest_vram.meters.nvml import (
     NvmlSampler,
     cuda_version_string,
     device_info,
+    mig_mode,
     nvml_index,
     nvml_unavailable,
 )
@@ -76,6 +78,50 @@ def test_cuda_meter_imports_and_builds_without_nvidia_ml_py() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("nvidia-ml-py is not installed")
+
+
+def test_nvidia_ml_pys_mismatch_error_is_no_nvml_error() -> None:
+    # Why catching NVMLError is not enough: nvidia-ml-py raises this one beside it.
+    assert not issubclass(pynvml.NVMLLibraryMismatchError, pynvml.NVMLError)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (
+            lambda nvml: nvml.NVMLLibraryMismatchError("Unversioned function called"),
+            "NVMLLibraryMismatchError: Unversioned function called",
+        ),
+        (lambda nvml: OSError("wrong ELF class"), "OSError: wrong ELF class"),
+        (lambda nvml: AttributeError("no nvmlInit"), "AttributeError: no nvmlInit"),
+        (lambda nvml: nvml.NVMLError(9), "NVML error 9 (no NVIDIA driver?)"),
+    ],
+    ids=["mismatch", "oserror", "attributeerror", "nvmlerror"],
+)
+def test_unavailable_names_any_failure_to_start(
+    fake_nvml: FakeNvml, make: Callable[[FakeNvml], Exception], reason: str
+) -> None:
+    fake_nvml.fail["nvmlInit"] = make(fake_nvml)
+    assert nvml_unavailable() == f"NVML could not be initialised: {reason}"
+    del fake_nvml.fail["nvmlInit"]
+    assert nvml_unavailable() is None  # a failed start is tried again
+    assert nvml_unavailable() is None and fake_nvml.calls["nvmlInit"] == 2  # once it worked
+
+
+def test_mig_mode_of_the_device(fake_nvml: FakeNvml) -> None:
+    bare = FAKE_UUID.removeprefix("GPU-")  # as torch reports it
+    assert mig_mode(0, uuid=bare) == "off"
+    fake_nvml.mig_current = fake_nvml.NVML_DEVICE_MIG_ENABLE
+    assert mig_mode(0, uuid=bare) == "on"
+    fake_nvml.mig_current = fake_nvml.NVML_DEVICE_MIG_DISABLE
+    fake_nvml.mig_device = True  # a MIG slice's handle
+    assert mig_mode(0, uuid=bare) == "on"
+    fake_nvml.mig_device = False
+    fake_nvml.fail["nvmlDeviceGetMigMode"] = fake_nvml.NVMLError(3)  # a GPU without MIG
+    assert mig_mode(0, uuid=bare) == "off"
+    fake_nvml.fail["nvmlDeviceGetMigMode"] = fake_nvml.NVMLError(999)
+    with pytest.raises(fake_nvml.NVMLError):
+        mig_mode(0, uuid=bare)
 
 
 @pytest.mark.skipif(_driver_present(), reason="checks the failure where there is no driver")
@@ -274,31 +320,34 @@ def test_sampler_rejects_bad_use() -> None:
 # -- the real thing ----------------------------------------------------------------------------
 
 
+#
+# Devices are looked up by torch's UUID: on a host with mixed GPUs, CUDA's default order (fastest
+# first) and NVML's (PCI bus) give the same index to different GPUs.
+
+
 @pytest.fixture
-def nvml() -> None:
+def torch_uuid() -> str:
     reason = nvml_unavailable()
     if reason is not None:
         pytest.fail(f"--gpu runs need NVML: {reason}")
+    return str(torch.cuda.get_device_properties(0).uuid)
 
 
-@pytest.mark.gpu
-@pytest.mark.usefixtures("nvml")
-def test_device_info_names_torchs_device() -> None:
+@pytest.mark.gpu(inprocess=True)
+def test_device_info_names_torchs_device(torch_uuid: str) -> None:
     props = torch.cuda.get_device_properties(0)
-    info = device_info(0)
+    info = device_info(0, uuid=torch_uuid)
     assert info.name == props.name  # both read the driver's name
     assert abs(info.total_bytes - props.total_memory) < 0.1 * info.total_bytes
-    assert info.uuid.startswith(("GPU-", "MIG-"))
+    assert info.uuid.startswith(("GPU-", "MIG-")) and info.uuid.endswith(torch_uuid)
     assert info.cuda_driver_version.count(".") == 1
-    by_uuid = device_info(0, uuid=str(props.uuid))  # torch's bare UUID finds the same device
-    assert by_uuid.uuid == info.uuid and info.uuid.endswith(str(props.uuid))
+    assert mig_mode(0, uuid=torch_uuid) in ("on", "off")
 
 
-@pytest.mark.gpu
-@pytest.mark.usefixtures("nvml")
-def test_sampler_sees_this_process_allocate() -> None:
+@pytest.mark.gpu(inprocess=True)
+def test_sampler_sees_this_process_allocate(torch_uuid: str) -> None:
     torch.cuda.synchronize()  # a CUDA context first, or NVML does not list the process
-    with NvmlSampler(0) as sampler:
+    with NvmlSampler(0, uuid=torch_uuid) as sampler:
         before = sampler.peak_bytes
         block = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()

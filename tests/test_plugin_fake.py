@@ -33,7 +33,11 @@ def test_real_sizes_and_capacity_on_the_fake_meter(vram_project) -> None:
     assert "exceeds the device's 24.000 GiB by " in text
     doc = json.loads((vram_project.path / "baselines" / "fake" / "test_mem.json").read_text())
     entries = doc["entries"]
-    assert set(entries) == {"test_full_adamw_7b", "test_does_not_fit_a_24gb_card", "test_fits_per_case"}
+    assert set(entries) == {
+        "test_full_adamw_7b",
+        "test_does_not_fit_a_24gb_card",
+        "test_fits_per_case",
+    }
     # The host meter never ran: no host baselines were written.
     assert not (vram_project.path / "baselines" / "host-cpu").exists()
 

@@ -49,7 +49,12 @@ def test_json_report_under_xdist_has_the_workers_cases(vram_project) -> None:
 
 def _result(snapshot: Path) -> MemoryResult:
     return MemoryResult(
-        "case", "cuda", "nvidia-x-24gb", 1, (1,), Breakdown(activation_bytes=1),
+        "case",
+        "cuda",
+        "nvidia-x-24gb",
+        1,
+        (1,),
+        Breakdown(activation_bytes=1),
         snapshot_path=str(snapshot),
     )
 

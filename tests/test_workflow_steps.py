@@ -126,7 +126,6 @@ def test_prebuild_fails_on_a_broken_deepspeed(tmp_path: Path, name: str) -> None
     assert broken.returncode != 0 and "broken deepspeed" in broken.stderr
 
 
-
 @needs_bash
 def test_summary_counts_new_baseline_files_and_leaves_the_index(tmp_path: Path) -> None:
     if shutil.which("git") is None:
@@ -169,5 +168,3 @@ def test_summary_counts_new_baseline_files_and_leaves_the_index(tmp_path: Path) 
 
 
 # -- schema and actionlint ---------------------------------------------------------------------
-
-

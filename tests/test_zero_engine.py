@@ -57,11 +57,20 @@ def test_stage_1_and_2_have_no_stage_3_keys() -> None:
     [
         ({"ranks": 2}, "offload='none', ranks=2 need DeepSpeed: set zero=0..3"),
         ({"zero": 4}, "zero=4 must be one of 0, 1, 2, 3"),
-        ({"zero": 2, "offload": "param"}, "offload='param' offloads parameters, which only ZeRO-3 does; zero=2"),
+        (
+            {"zero": 2, "offload": "param"},
+            "offload='param' offloads parameters, which only ZeRO-3 does; zero=2",
+        ),
         ({"zero": 0, "offload": "optimizer"}, "offload='optimizer' needs zero >= 1"),
-        ({"zero": 2, "offload": "nvme"}, "unknown offload 'nvme'; known: both, none, optimizer, param"),
+        (
+            {"zero": 2, "offload": "nvme"},
+            "unknown offload 'nvme'; known: both, none, optimizer, param",
+        ),
         ({"zero": 2, "ranks": 0}, "ranks=0 must be >= 1"),
-        ({"zero": 2, "method": "dora"}, "zero=2 runs methods full, freeze, lora, qlora; not 'dora'"),
+        (
+            {"zero": 2, "method": "dora"},
+            "zero=2 runs methods full, freeze, lora, qlora; not 'dora'",
+        ),
         ({"zero": 2, "optimizer": "lomo"}, "zero=2 runs optimizers adamw, sgd; not 'lomo'"),
         ({"zero": 2, "precision": "amp-bf16"}, "DeepSpeed keeps its own master weights"),
     ],
@@ -80,7 +89,15 @@ def test_label_names_stage_offload_and_ranks() -> None:
 
 
 def _rank(peak: int, steps: tuple[int, ...], host: int) -> MemoryResult:
-    return MemoryResult("r", "host", "host-cpu", peak, steps, Breakdown(activation_bytes=peak), host_offload_bytes=host)
+    return MemoryResult(
+        "r",
+        "host",
+        "host-cpu",
+        peak,
+        steps,
+        Breakdown(activation_bytes=peak),
+        host_offload_bytes=host,
+    )
 
 
 def test_combine_takes_the_worst_rank_and_sums_host_memory() -> None:

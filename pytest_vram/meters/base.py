@@ -127,6 +127,9 @@ class MemoryResult:
     # Parameter storage by dtype ("bfloat16", "uint8" for bitsandbytes' packed 4-bit, ...)
     param_dtype_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # What else moves the numbers on a GPU (allocator and cuBLAS settings, NCCL variables,
+    # driver, MIG mode, whether NVML saw the process): drift messages name what changed.
+    environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()  # how the libraries behaved, e.g. "paging fell back on CPU"
 
     @property
@@ -138,6 +141,7 @@ class MemoryResult:
         data["spec"] = self.spec.to_dict() if self.spec else None
         data["step_peak_bytes"] = list(self.step_peak_bytes)
         data["versions"] = dict(self.versions)
+        data["environment"] = dict(self.environment)
         data["param_dtype_bytes"] = dict(self.param_dtype_bytes)
         data["notes"] = list(self.notes)
         data["ranks"] = [r.to_dict() for r in self.ranks]
@@ -156,6 +160,7 @@ class MemoryResult:
             breakdown=Breakdown(**data.pop("breakdown")),
             step_peak_bytes=tuple(data.pop("step_peak_bytes")),
             versions=dict(data.pop("versions", {})),
+            environment=dict(data.pop("environment", {})),
             param_dtype_bytes=dict(data.pop("param_dtype_bytes", {})),
             notes=tuple(data.pop("notes", ())),
             ranks=tuple(cls.from_dict(r) for r in data.pop("ranks", ())),

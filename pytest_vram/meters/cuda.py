@@ -6,6 +6,10 @@ context and libraries' workspaces). ``peak_source`` picks the one budgets check.
 model state (params, grads, optimizer) is read from the role tensors at the end of the step, and
 the rest of the chosen peak is activations and temporaries. With ``snapshot_dir`` the meter also
 writes a memory snapshot for https://pytorch.org/memory_viz.
+
+NVML is optional: unless ``peak_source`` is ``"nvml"``, anything NVML fails at (starting, finding
+the device, a reading mid-case, the driver version) becomes one note in ``notes`` and the case
+goes on with torch's numbers only.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import contextlib
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
 from typing import Final, final
 
 import torch
@@ -22,8 +27,9 @@ import torch
 from pytest_vram.meters.base import PEAK_SOURCES, Breakdown, Roles, StepMeasure
 from pytest_vram.meters.nvml import (
     NvmlSampler,
-    device_info,
     driver_versions,
+    error_text,
+    mig_mode,
     nvml_unavailable,
 )
 
@@ -32,6 +38,7 @@ __all__ = [
     "CudaMeter",
     "cudnn_version_string",
     "default_device_index",
+    "env_entries",
     "fingerprint_from_name",
     "snapshot_filename",
     "storage_bytes",
@@ -39,6 +46,22 @@ __all__ = [
 
 # Alloc/free events a snapshot keeps (a ring buffer); each is a few KB with its stack.
 SNAPSHOT_MAX_ENTRIES: Final = 100_000
+
+# Variables that change what a step measures: the allocator's rounding and segments, the cuBLAS
+# and cuBLASLt workspaces (allocated through the caching allocator), kernels loaded lazily or
+# eagerly into the CUDA context (NVML's number), and which GPU an index is. NCCL_* are matched by
+# prefix. CUDA_VISIBLE_DEVICES is left out on purpose: the session gives each xdist worker its
+# own GPUs through it, so it differs between workers and runs measuring the same kind of device,
+# and the device itself is in the fingerprint.
+ENV_VARIABLES: Final = (
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "PYTORCH_ALLOC_CONF",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "CUBLASLT_WORKSPACE_SIZE",
+    "TORCH_CUBLASLT_UNIFIED_WORKSPACE",
+    "CUDA_MODULE_LOADING",
+    "CUDA_DEVICE_ORDER",
+)
 
 
 def fingerprint_from_name(name: str, total_bytes: int) -> str:
@@ -48,6 +71,19 @@ def fingerprint_from_name(name: str, total_bytes: int) -> str:
     if not re.search(r"\d+gb", words):
         words += f"-{round(total_bytes / 2**30)}gb"
     return f"nvidia-{words}"
+
+
+def env_entries(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``environ`` that move GPU numbers, as ``env:NAME`` entries, sorted.
+
+    Empty ones are left out with the unset ones: torch and NCCL read an empty value as the default.
+    """
+    names = sorted(
+        name
+        for name, value in environ.items()
+        if value and (name in ENV_VARIABLES or name.startswith("NCCL_"))
+    )
+    return {f"env:{name}": environ[name] for name in names}
 
 
 def storage_bytes(
@@ -126,30 +162,71 @@ class CudaMeter:
         self.snapshot_label: str | None = None  # names the snapshot file; set before entering
         self.snapshot_path: str | None = None  # the snapshot written by the last exit
         self.notes: list[str] = []  # how NVML behaved, for MemoryResult.notes
+        # How NVML saw this process at the last entering: "per-process", "device-wide" (the
+        # driver or a PID namespace hid it), "unavailable" or "off" (sample_nvml=False); None
+        # before the first entering. A failure later in the case is a note, not a change here.
+        self.nvml_scope: str | None = None
         self._sampler: NvmlSampler | None = None
         self._stack: contextlib.ExitStack | None = None
+        self._first_step = False  # set by entering: the next step_begin is the case's first
 
     def fingerprint(self) -> str:
-        # NVML and torch both report the driver's device name; only the rounded size, added
-        # when the name lacks one, could tell them apart.
-        if nvml_unavailable() is None:
-            with contextlib.suppress(LookupError):
-                info = device_info(self.device_index, uuid=_torch_uuid(self.device_index))
-                return fingerprint_from_name(info.name, info.total_bytes)
+        # torch's name and size only, so the fingerprint is the same with and without
+        # nvidia-ml-py: NVML's total differs slightly from torch's, and the rounded GiB added to
+        # names that lack one could differ with it.
         props = torch.cuda.get_device_properties(self.device_index)
         return fingerprint_from_name(props.name, props.total_memory)
+
+    def _nvml_failed(self, what: str, exc: Exception, consequence: str) -> None:
+        """An NVML failure: an error when the NVML peak was asked for, else a note (once)."""
+        if self.peak_source == "nvml":
+            raise RuntimeError(
+                f"peak_source 'nvml' needs NVML, but {what} failed: {error_text(exc)}"
+            ) from exc
+        note = f"{consequence}: {what} failed ({error_text(exc)})"
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def _driver_versions(self, found: dict[str, str]) -> None:
+        if nvml_unavailable() is not None:
+            return  # no NVML here: versions list what is known; entering notes why, if it samples
+        try:
+            found["nvidia-driver"], found["cuda-driver"] = driver_versions()
+        except Exception as exc:
+            self._nvml_failed("reading the driver version", exc, "no driver version")
 
     def versions(self) -> dict[str, str]:
         """The driver and CUDA libraries a GPU result depends on, as far as they are known."""
         found: dict[str, str] = {}
-        if nvml_unavailable() is None:
-            found["nvidia-driver"], found["cuda-driver"] = driver_versions()
+        self._driver_versions(found)
         if torch.version.cuda:
             found["torch-cuda"] = torch.version.cuda
         cudnn = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]  # None: no cuDNN
         if cudnn:
             found["cudnn"] = cudnn_version_string(cudnn)
         return found
+
+    def environment(self) -> dict[str, str]:
+        """What moves this device's numbers besides the case, as far as it is known: the
+        variables of ``env_entries``, the driver and CUDA versions, the compute capability, MIG,
+        and how NVML saw the process at the last entering. Meant to be read while entered."""
+        found = env_entries(os.environ)
+        if torch.version.cuda:
+            found["cuda-runtime"] = torch.version.cuda
+        uuid = None
+        if torch.cuda.is_available() and self.device_index < torch.cuda.device_count():
+            props = torch.cuda.get_device_properties(self.device_index)
+            found["capability"] = f"{props.major}.{props.minor}"
+            uuid = _torch_uuid(self.device_index)
+        self._driver_versions(found)
+        if nvml_unavailable() is None:
+            try:
+                found["mig"] = mig_mode(self.device_index, uuid=uuid)
+            except Exception as exc:
+                self._nvml_failed("reading the MIG mode", exc, "no MIG mode")
+        if self.nvml_scope is not None:
+            found["nvml"] = self.nvml_scope
+        return dict(sorted(found.items()))
 
     def __enter__(self) -> CudaMeter:
         if not torch.cuda.is_available():
@@ -171,13 +248,12 @@ class CudaMeter:
         torch.cuda.empty_cache()
         self.snapshot_path = None
         self.notes = []
+        self._first_step = True
+        self.nvml_scope = "unavailable" if self.sample_nvml else "off"
         with contextlib.ExitStack() as stack:
             if self.sample_nvml and reason is None:
-                sampler = NvmlSampler(self.device_index, uuid=_torch_uuid(self.device_index))
-                self._sampler = stack.enter_context(sampler)
-                stack.callback(setattr, self, "_sampler", None)
-                if sampler.note:
-                    self.notes.append(sampler.note)
+                stack.push(self._close_sampler)
+                self._start_sampler()
             elif reason is not None:
                 self.notes.append(f"no NVML numbers: {reason}")
             if self.snapshot_dir is not None:
@@ -198,6 +274,42 @@ class CudaMeter:
             tb = error.__traceback__ if error else None
             stack.__exit__(type(error) if error else None, error, tb)
 
+    def _start_sampler(self) -> None:
+        sampler = NvmlSampler(self.device_index, uuid=_torch_uuid(self.device_index))
+        try:
+            sampler.__enter__()  # its thread starts only once a first reading has worked
+        except Exception as exc:
+            self._nvml_failed("starting NVML sampling", exc, "no NVML numbers")
+            return
+        self._sampler = sampler
+        self.nvml_scope = "per-process" if sampler.per_process else "device-wide"
+        if sampler.note:
+            self.notes.append(sampler.note)
+
+    def _close_sampler(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is None:
+            return
+        try:
+            sampler.__exit__(exc_type, exc, tb)
+        except Exception as error:  # raised only when the body succeeded
+            self._nvml_failed("NVML sampling", error, "NVML numbers may miss the last step")
+
+    def _sampler_failed(self, exc: Exception) -> None:
+        """A reading failed mid-case: stop sampling; later steps have no NVML numbers."""
+        sampler, self._sampler = self._sampler, None
+        assert sampler is not None
+        # Stopping re-raises the thread's error when it was the thread that failed, which is
+        # this same failure seen from the other side: reported once, below.
+        with contextlib.suppress(Exception):
+            sampler.__exit__(None, None, None)
+        self._nvml_failed("NVML sampling", exc, "no NVML numbers from this step on")
+
     def _dump_snapshot(self, directory: str) -> None:
         try:
             os.makedirs(directory, exist_ok=True)
@@ -209,9 +321,17 @@ class CudaMeter:
 
     def step_begin(self) -> None:
         torch.cuda.synchronize()
+        if self._first_step:
+            # The blocks cached while the model was built are not what training holds. Later
+            # steps keep the cache: what the first step left cached is.
+            torch.cuda.empty_cache()
+            self._first_step = False
         torch.cuda.reset_peak_memory_stats()
         if self._sampler is not None:
-            self._sampler.reset()
+            try:
+                self._sampler.reset()
+            except Exception as exc:
+                self._sampler_failed(exc)
 
     def step_end(self, roles: Roles) -> StepMeasure:
         torch.cuda.synchronize()
@@ -221,8 +341,12 @@ class CudaMeter:
         if self._sampler is not None:
             # The caching allocator seldom hands memory back within a step, so the process's
             # NVML usage mostly only grows and a reading now catches what a tick missed.
-            self._sampler.sample()
-            nvml = self._sampler.peak_bytes
+            try:
+                self._sampler.sample()
+            except Exception as exc:
+                self._sampler_failed(exc)
+            else:
+                nvml = self._sampler.peak_bytes
         if self.peak_source == "allocated":
             peak = allocated
         elif self.peak_source == "reserved":

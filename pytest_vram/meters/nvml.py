@@ -19,6 +19,8 @@ __all__ = [
     "cuda_version_string",
     "device_info",
     "driver_versions",
+    "error_text",
+    "mig_mode",
     "nvml_index",
     "nvml_unavailable",
 ]
@@ -31,7 +33,9 @@ _initialised_pid: int | None = None
 
 
 def _pynvml() -> Any:
-    """pynvml, initialised. Raises ImportError, or pynvml.NVMLError when NVML cannot start.
+    """pynvml, initialised. Raises ImportError, pynvml.NVMLError when NVML cannot start, or
+    whatever a mismatched or broken install raises (pynvml's NVMLLibraryMismatchError is not an
+    NVMLError; a damaged library gives OSError or AttributeError).
 
     NVML stays initialised for the life of the process: nvmlInit enumerates every device, and
     the meter runs in a short-lived worker child. A forked child initialises its own.
@@ -46,16 +50,26 @@ def _pynvml() -> Any:
     return pynvml
 
 
+def error_text(exc: BaseException) -> str:
+    """An NVML failure in one line; the type says what the message often does not."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def nvml_unavailable() -> str | None:
     """None when NVML can be used here, else why not, in one line."""
     try:
         import pynvml
     except ImportError:
         return f"nvidia-ml-py is not installed: {INSTALL_HINT}"
+    except Exception as exc:  # a broken install fails while importing, not only later
+        return f"nvidia-ml-py could not be imported: {error_text(exc)}"
+    nvml_error = getattr(pynvml, "NVMLError", None)
     try:
         _pynvml()
-    except pynvml.NVMLError as exc:
-        return f"NVML could not be initialised: {exc} (no NVIDIA driver?)"
+    except Exception as exc:  # NVML is optional: any failure to start is a reason, not a crash
+        if isinstance(nvml_error, type) and isinstance(exc, nvml_error):
+            return f"NVML could not be initialised: {exc} (no NVIDIA driver?)"
+        return f"NVML could not be initialised: {error_text(exc)}"
     return None
 
 
@@ -120,6 +134,7 @@ def _handle(nvml: Any, target: int | str) -> Any:
     handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
     matches = [h for h in handles if _text(nvml.nvmlDeviceGetUUID(h)).startswith(tuple(candidates))]
     if len(matches) != 1:
+        # A MIG slice or a vGPU can carry a UUID that NVML does not list among the GPUs
         raise LookupError(f"{len(matches)} NVML devices have a UUID starting with {target!r}")
     return matches[0]
 
@@ -129,6 +144,24 @@ def driver_versions() -> tuple[str, str]:
     nvml = _pynvml()
     driver = _text(nvml.nvmlSystemGetDriverVersion())
     return driver, cuda_version_string(nvml.nvmlSystemGetCudaDriverVersion())
+
+
+def mig_mode(index: int, uuid: str | None = None) -> str:
+    """``on`` or ``off``: whether torch's device ``index`` is a MIG slice or a GPU in MIG mode.
+
+    A GPU that cannot be partitioned answers Not Supported, which is ``off`` too.
+    """
+    nvml = _pynvml()
+    handle = _handle(nvml, _target(index, uuid))
+    if nvml.nvmlDeviceIsMigDeviceHandle(handle):
+        return "on"
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except nvml.NVMLError as exc:
+        if getattr(exc, "value", None) == nvml.NVML_ERROR_NOT_SUPPORTED:
+            return "off"
+        raise
+    return "on" if current == nvml.NVML_DEVICE_MIG_ENABLE else "off"
 
 
 @final
