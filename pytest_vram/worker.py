@@ -9,6 +9,7 @@ into a ``CaseFailure`` from the exit code or signal and the tail of the child's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
@@ -150,7 +151,10 @@ def _execute(job: Job) -> MemoryResult:
     # exported, the host meter's ranks must get the CPU one and the cuda meter's CUDA.
     zero.set_accelerator(on_gpu)
     for module in preload_modules(job.meter):
-        importlib.import_module(module)  # a host case in the cuda server imports peft here
+        # A host case in the cuda server imports peft here. The libraries are optional extras:
+        # a missing one is skipped, as the forkserver skips it.
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(module)
     # A cuda case that forks ranks imports the user's modules in each rank, after the fork:
     # one that imports DeepSpeed or bitsandbytes would initialise CUDA in the ranks' parent.
     forks = on_gpu and job.spec is not None and job.spec.zero is not None

@@ -265,6 +265,15 @@ def test_gpu_workflow_triggers_and_command() -> None:
     assert "head.repo.full_name == github.repository" in job["if"]
     command = " ".join(step(doc, "Suites on the cuda meter")["run"].split())
     assert command.startswith("python -m pytest --gpu suites -p no:cacheprovider")
+    # The fork path is checked before anything slow, the GPU unit tests before the suites,
+    # and the suites run even when the unit tests failed.
+    names = [s.get("name") for s in job["steps"]]
+    smoke, unit = "GPU smoke check (quick)", "GPU unit tests"
+    assert names.index(smoke) < names.index(unit) < names.index("Suites on the cuda meter")
+    assert names.index(smoke) < names.index("Prebuild DeepSpeed ops")
+    assert step(doc, smoke)["run"].startswith("python benchmarks/gpu_smoke.py --quick")
+    assert "pytest --gpu -m gpu tests" in " ".join(step(doc, unit)["run"].split())
+    assert step(doc, "Suites on the cuda meter")["if"] == "${{ !cancelled() }}"
 
 
 def test_refresh_workflow_is_manual_and_opens_a_pull_request() -> None:
@@ -294,9 +303,13 @@ def test_cpu_workflow_runs_ci_script_with_caches() -> None:
     assert cache["with"]["path"] == "${{ env.TORCH_EXTENSIONS_DIR }}"
 
 
-def test_ci_script_prebuilds_before_the_tests() -> None:
+def test_ci_script_prebuilds_before_the_tests_and_checks_the_wheel_after() -> None:
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()]
     assert lines.index("pytest-vram build-ops") < lines.index("python -m pytest")
+    assert lines.index("python -m pytest") < lines.index("bash .ci/wheel-check")
+    check = (ROOT / ".ci" / "wheel-check").read_text("utf-8")
+    # The wheel, not the checkout: installed into its own venv, run from outside the tree.
+    assert "python -m build" in check and '"$wheel"' in check and 'cd "$work/project"' in check
 
 
 def test_no_workflow_or_doc_builds_cpu_adam() -> None:
