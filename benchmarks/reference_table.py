@@ -2,8 +2,9 @@
 
 Every "ours" is a step traced on the fake meter (``run_step`` under ``FakeMeter``; ZeRO laid out
 per rank by ``zero_sim``), in GiB. Published figures are converted to GiB where their source
-counts in 10**9 bytes (seed 004's arithmetic); the LOMO paper's GB are GiB (its columns are
-reproduced to the digit in GiB), and the seeds' measurements are nvidia-smi's MiB / 1024.
+counts in 10**9 bytes (the PEFT explainer article's QLoRA arithmetic); the LOMO paper's GB are
+GiB (its columns are reproduced to the digit in GiB), and LLaMA-Factory users' 8-GPU
+measurements (Juejin article, 2025) are nvidia-smi's MiB / 1024.
 ``suites/test_references.py`` asserts what this table shows; this script prints it, with the
 percentage error of ours against the published figure, for the fake-meter issue's closing note.
 
@@ -85,9 +86,10 @@ def _ds_single_gpu_zero2() -> float | None:
     return None if isinstance(figure, str) else gib(figure.gpu_bytes)
 
 
-# Seed 003: Qwen2.5-32B full fine-tuning, DeepSpeed's estimator on 1 GPU (the article's count,
-# without lm_head); ours traces b1 s1024 with checkpointing (the article gives no batch).
-SEED_003: dict[str, Any] = {
+# DeepSpeed's estimator output for Qwen2.5-32B full fine-tuning on H100s (LLaMA-Factory
+# discussion, 2025), on 1 GPU (the article's count, without lm_head); ours traces b1 s1024 with
+# checkpointing (the article gives no batch).
+QWEN_32B_H100: dict[str, Any] = {
     "model": "qwen2.5-32b",
     "method": "full",
     "batch": 1,
@@ -96,23 +98,26 @@ SEED_003: dict[str, Any] = {
 }
 
 
-def _seed_003(offload: str, host: bool = False) -> float:
-    r = traced(**SEED_003, zero=3, offload=offload, ranks=1)
+def _qwen_32b_h100(offload: str, host: bool = False) -> float:
+    r = traced(**QWEN_32B_H100, zero=3, offload=offload, ranks=1)
     return gib(r.host_offload_bytes if host else r.peak_bytes)
 
 
-def _seed_003_ds(offload: str, host: bool = False) -> Callable[[], float | None]:
+def _qwen_32b_h100_ds(offload: str, host: bool = False) -> Callable[[], float | None]:
     def figure() -> float | None:
-        spec = StepSpec(**SEED_003, zero=3, offload=offload, ranks=1)
-        f = deepspeed_figure(spec, references.SEED_003_PARAMS, references.SEED_003_LARGEST_LAYER)
+        spec = StepSpec(**QWEN_32B_H100, zero=3, offload=offload, ranks=1)
+        f = deepspeed_figure(
+            spec, references.QWEN_32B_DEEPSPEED_PARAMS, references.QWEN_32B_DEEPSPEED_LARGEST_LAYER
+        )
         return None if isinstance(f, str) else gib(f.cpu_bytes if host else f.gpu_bytes)
 
     return figure
 
 
-# Seed 000: 8 GPUs, ZeRO-3, bf16, checkpointing, batch 2; summed over the GPUs. The article does
-# not give the sequence length: ours traces 1024 tokens.
-SEED_000: dict[str, Any] = {
+# LLaMA-Factory users' 8-GPU measurements (Juejin article, 2025): ZeRO-3, bf16, checkpointing,
+# batch 2; summed over the GPUs. The article does not give the sequence length: ours traces
+# 1024 tokens.
+EIGHT_GPU: dict[str, Any] = {
     "precision": "bf16",
     "batch": 2,
     "seq": 1024,
@@ -122,19 +127,19 @@ SEED_000: dict[str, Any] = {
 }
 
 
-def _seed_000(model: str, method: str, **extra: Any) -> Callable[[], float | str]:
+def _eight_gpu(model: str, method: str, **extra: Any) -> Callable[[], float | str]:
     def summed() -> float | str:
-        r = traced(**{**SEED_000, "model": model, "method": method, **extra})
+        r = traced(**{**EIGHT_GPU, "model": model, "method": method, **extra})
         total = gib(sum(rank.peak_bytes for rank in r.ranks))
         return f"OOM ({gib(r.peak_bytes):.1f}/rank)" if r.peak_bytes > 48 * GIB else total
 
     return summed
 
 
-def _seed_000_ds(model: str) -> Callable[[], float | None]:
+def _eight_gpu_ds(model: str) -> Callable[[], float | None]:
     def figure() -> float | None:
-        r = traced(**{**SEED_000, "model": model, "method": "full"})
-        spec = StepSpec(**{**SEED_000, "model": model})
+        r = traced(**{**EIGHT_GPU, "model": model, "method": "full"})
+        spec = StepSpec(**{**EIGHT_GPU, "model": model})
         f = deepspeed_figure(spec, r.total_params, base_params(model)[1])
         return None if isinstance(f, str) else 8 * gib(f.gpu_bytes)
 
@@ -150,8 +155,8 @@ def _peak(**fields: Any) -> Callable[[], float]:
     return lambda: gib(traced(**fields).peak_bytes)
 
 
-S000_15 = "deepseek-r1-distill-qwen-1.5b"
-S000_32 = "qwen2.5-32b"
+DISTILL_1_5B = "deepseek-r1-distill-qwen-1.5b"
+QWEN_32B = "qwen2.5-32b"
 ROWS = [
     Row("LOMO T1", "weights, fp16", 12.55, lambda: gib(_weights().breakdown.param_bytes)),
     Row("LOMO T1", "gradients, fp16", 12.55, lambda: gib(_weights().breakdown.grad_bytes)),
@@ -189,49 +194,66 @@ ROWS = [
         _peak(**LOMO_STEP, optimizer="lomo"),
         note="paper's columns sum to 58.40",
     ),
-    Row("seed 003", "ZeRO-3, 1 GPU: GPU", 539, lambda: _seed_003("none"), _seed_003_ds("none")),
     Row(
-        "seed 003",
+        "H100 32B",
+        "ZeRO-3, 1 GPU: GPU",
+        539,
+        lambda: _qwen_32b_h100("none"),
+        _qwen_32b_h100_ds("none"),
+    ),
+    Row(
+        "H100 32B",
         "ZeRO-3 offload both: GPU",
         2.9,
-        lambda: _seed_003("both"),
-        _seed_003_ds("both"),
+        lambda: _qwen_32b_h100("both"),
+        _qwen_32b_h100_ds("both"),
         note="DS: 4 x largest layer (gathered); ours: activations at the loss, where none is",
     ),
     Row(
-        "seed 003",
+        "H100 32B",
         "ZeRO-3 offload both: CPU",
         804,
-        lambda: _seed_003("both", host=True),
-        _seed_003_ds("both", host=True),
+        lambda: _qwen_32b_h100("both", host=True),
+        _qwen_32b_h100_ds("both", host=True),
         note="DS applies a x1.5 safety factor; the run OOMed in 744 GB",
     ),
     Row(
-        "seed 003",
+        "H100 32B",
         "ZeRO-3 offload opt.: GPU (article: ZeRO-2)",
         62.5,
-        lambda: _seed_003("optimizer"),
-        _seed_003_ds("optimizer"),
+        lambda: _qwen_32b_h100("optimizer"),
+        _qwen_32b_h100_ds("optimizer"),
     ),
-    Row("seed 000", "1.5B full, x8", 77.03, _seed_000(S000_15, "full"), _seed_000_ds(S000_15)),
-    Row("seed 000", "1.5B freeze, x8", 38.92, _seed_000(S000_15, "freeze")),
-    Row("seed 000", "1.5B QLoRA, x8", 32.97, _seed_000(S000_15, "qlora")),
-    Row("seed 000", "1.5B QLoRA offload, x8", 30.97, _seed_000(S000_15, "qlora", offload="both")),
     Row(
-        "seed 000",
+        "LF 8 GPUs",
+        "1.5B full, x8",
+        77.03,
+        _eight_gpu(DISTILL_1_5B, "full"),
+        _eight_gpu_ds(DISTILL_1_5B),
+    ),
+    Row("LF 8 GPUs", "1.5B freeze, x8", 38.92, _eight_gpu(DISTILL_1_5B, "freeze")),
+    Row("LF 8 GPUs", "1.5B QLoRA, x8", 32.97, _eight_gpu(DISTILL_1_5B, "qlora")),
+    Row(
+        "LF 8 GPUs",
+        "1.5B QLoRA offload, x8",
+        30.97,
+        _eight_gpu(DISTILL_1_5B, "qlora", offload="both"),
+    ),
+    Row(
+        "LF 8 GPUs",
         "1.5B QLoRA offload b1, x8",
         29.77,
-        _seed_000(S000_15, "qlora", offload="both", batch=1),
+        _eight_gpu(DISTILL_1_5B, "qlora", offload="both", batch=1),
         note="not explained: the article's b1 saves 1.2 GB of 31",
     ),
-    Row("seed 000", "32B full, x8", "OOM", _seed_000(S000_32, "full"), _seed_000_ds(S000_32)),
-    Row("seed 000", "32B freeze, x8", 133.75, _seed_000(S000_32, "freeze")),
-    Row("seed 000", "32B QLoRA, x8", 75.42, _seed_000(S000_32, "qlora")),
+    Row("LF 8 GPUs", "32B full, x8", "OOM", _eight_gpu(QWEN_32B, "full"), _eight_gpu_ds(QWEN_32B)),
+    Row("LF 8 GPUs", "32B freeze, x8", 133.75, _eight_gpu(QWEN_32B, "freeze")),
+    Row("LF 8 GPUs", "32B QLoRA, x8", 75.42, _eight_gpu(QWEN_32B, "qlora")),
     Row(
-        "seed 000",
+        "LF 8 GPUs",
         "32B QLoRA offload, x8",
         188.8,
-        _seed_000(S000_32, "qlora", offload="both"),
+        _eight_gpu(QWEN_32B, "qlora", offload="both"),
         note="the bug: offload cannot add device memory",
     ),
     Row(
@@ -257,14 +279,14 @@ ROWS = [
         llama_factory=16,
     ),
     Row(
-        "seed 004",
+        "PEFT article",
         "Qwen3-14B QLoRA base weights",
         7.08e9 / GIB,
         lambda: _qlora_weights("qwen3-14b"),
         note="article: all 14.8B at 4.05 bits; peft upcasts embeddings + lm_head to fp32",
     ),
     Row(
-        "seed 004",
+        "PEFT article",
         "Qwen3-14B QLoRA r8 b1 s2048, whole run",
         16.08e9 / GIB,
         _peak(model="qwen3-14b", method="qlora", grad_ckpt=True, seq=2048),
@@ -286,6 +308,18 @@ def _error(ours: float | str, published: float | str) -> str:
     return f"{(ours - published) / published:+.1%}"
 
 
+# The table's short source names, spelled out under it.
+SOURCES = {
+    "LOMO T1": "the LOMO paper (Full Parameter Fine-tuning for Large Language Models with "
+    "Limited Resources), Table 1",
+    "H100 32B": references.QWEN_32B_DEEPSPEED_SOURCE,
+    "LF 8 GPUs": "LLaMA-Factory users' 8-GPU ZeRO-3 measurements (Juejin article, 2025)",
+    "QLoRA": "the QLoRA paper",
+    "LF table": references.LLAMA_FACTORY_SOURCE,
+    "PEFT article": "a PEFT explainer article's QLoRA example, Qwen3-14B with ms-swift",
+}
+
+
 def main() -> None:
     print("| source | case | published | ours | error | DeepSpeed est. | LLaMA-Factory | note |")
     print("|---|---|---|---|---|---|---|---|")
@@ -302,6 +336,9 @@ def main() -> None:
             row.note,
         )
         print("| " + " | ".join(cells) + " |", flush=True)
+    print()
+    for short in dict.fromkeys(row.source for row in ROWS):
+        print(f"- {short}: {SOURCES[short]}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -56,6 +56,29 @@ def build_ops() -> int:
     return 0
 
 
+_ESTIMATE_HELP = (
+    "trace one training step of a zoo model or a config.json on the fake meter; print its "
+    "breakdown beside DeepSpeed's estimator and LLaMA-Factory's table"
+)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """estimate's bad arguments: one line on stderr and status 2, as its other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _estimate(args: Sequence[str]) -> int:
+    parser = _OneLineErrors(prog="pytest-vram estimate", description=_ESTIMATE_HELP)
+    estimate.add_arguments(parser)
+    try:
+        parsed = parser.parse_args(args)
+    except SystemExit as exc:  # a bad argument (2) or --help (0): a status, for main's callers
+        return exc.code if isinstance(exc.code, int) else 2
+    return estimate.command(parsed)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["refresh"]:
@@ -63,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return refresh(args[1:])
     if args == ["build-ops"]:
         return build_ops()
+    if args[:1] == ["estimate"]:
+        return _estimate(args[1:])
     parser = argparse.ArgumentParser(
         prog="pytest-vram", description="GPU memory budgets and baselines for fine-tuning steps"
     )
@@ -76,16 +101,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         "build-ops",
         help="build the DeepSpeed ops ZeRO cases load (cached in TORCH_EXTENSIONS_DIR)",
     )
-    estimate.add_arguments(
-        sub.add_parser(
-            "estimate",
-            help="trace one training step of a zoo model or a config.json on the fake meter; "
-            "print its breakdown beside DeepSpeed's estimator and LLaMA-Factory's table",
-        )
-    )
-    parsed = parser.parse_args(args)  # refresh and build-ops only reach here for help
-    if parsed.command == "estimate":
-        return estimate.command(parsed)
+    estimate.add_arguments(sub.add_parser("estimate", help=_ESTIMATE_HELP))
+    parser.parse_args(args)  # the commands only reach here for help, or with a bad command
     return 2
 
 

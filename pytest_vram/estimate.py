@@ -71,9 +71,16 @@ def config_shape(path: Path) -> zoo.ModelShape:
             f"model in transformers {transformers.__version__}"
         )
     try:  # the fields themselves, checked now rather than mid-trace
-        transformers.AutoConfig.for_model(model_type, **data)
-    except (TypeError, ValueError) as exc:
+        config = transformers.AutoConfig.for_model(model_type, **data)
+    except Exception as exc:  # TypeError, ValueError, huggingface_hub's StrictDataclassError
         raise SpecError(f"model {str(path)!r}: {exc}") from None
+    # transformers only logs this one; the embedding's padding_idx then fails an assert.
+    pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
+        raise SpecError(
+            f"model {str(path)!r}: pad_token_id={pad} is outside the vocabulary "
+            f"(vocab_size={vocab}); set it below vocab_size or to null"
+        )
     return zoo.ModelShape(model_type, data, notes=f"from {path}", kind=kind)
 
 
@@ -166,12 +173,13 @@ def deepspeed_figure(
     )
 
 
-def base_params(name: str) -> tuple[int, int]:
+def base_params(name: str, attention: str = "sdpa") -> tuple[int, int]:
     """Parameters of the base model and of its largest module (DeepSpeed's "largest layer"),
-    counted on the meta device: shapes only, in about a second for 32B."""
+    counted on the meta device: shapes only, in about a second for 32B. Built with the step's
+    ``attention``: a model without sdpa (Gemma2) cannot be built with it at all."""
     import torch
 
-    model = zoo.build_model(name, torch.bfloat16, "meta")
+    model = zoo.build_model(name, torch.bfloat16, "meta", attention)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest
@@ -284,8 +292,11 @@ class Estimate:
         }
 
 
-def estimate(spec: StepSpec, capacity_bytes: int | None = None) -> Estimate:
-    """Trace ``spec`` on the fake meter (its model must be in ``zoo.MODELS``: see zoo_entry)."""
+def estimate(
+    spec: StepSpec, capacity_bytes: int | None = None, notes: tuple[str, ...] = ()
+) -> Estimate:
+    """Trace ``spec`` on the fake meter (its model must be in ``zoo.MODELS``: see zoo_entry);
+    ``notes`` go first in the result's notes."""
     from pytest_vram import methods
     from pytest_vram.meters.fake import FakeMeter
     from pytest_vram.step import run_step
@@ -295,7 +306,9 @@ def estimate(spec: StepSpec, capacity_bytes: int | None = None) -> Estimate:
         raise methods.Unsupported(reason)
     # With zero set, run_step traces the step without DeepSpeed and lays it out per rank.
     result = run_step(spec, FakeMeter())
-    base, largest = base_params(spec.model)
+    if notes:
+        result = dataclasses.replace(result, notes=(*notes, *result.notes))
+    base, largest = base_params(spec.model, spec.attention)
     return Estimate(
         spec=spec,
         result=result,
@@ -328,7 +341,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
-    parser.add_argument("--attention", help="sdpa or eager (default sdpa)")
+    parser.add_argument(
+        "--attention",
+        help="sdpa or eager (default: sdpa, or eager for a model without sdpa, with a note)",
+    )
     parser.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3")
     parser.add_argument("--offload", help="with --zero: none, optimizer, param, both")
     parser.add_argument("--ranks", type=int, help="with --zero: processes (GPUs on one node)")
@@ -341,21 +357,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """Run ``pytest-vram estimate``: 0, 1 when --capacity-gb predicts out of memory, 2 on a bad
-    model or spec."""
-    from pytest_vram.methods import Unsupported
+    """Run ``pytest-vram estimate``: 0; 1 when --capacity-gb predicts out of memory; 2 when it
+    cannot estimate (a bad model or spec, a model transformers cannot build, a step the fake
+    meter cannot trace), with one line on stderr and no traceback."""
+    from pytest_vram import quiet
 
-    kwargs = {name: getattr(args, name) for name in _SPEC_ARGS if getattr(args, name) is not None}
-    capacity: float | None = args.capacity_gb
+    quiet.install(command=True)
     try:
-        if capacity is not None and not capacity > 0:
-            raise SpecError(f"--capacity-gb={capacity!r} must be > 0")
-        with zoo_entry(args.model) as name:
-            spec = StepSpec.from_kwargs(model=name, grad_ckpt=args.grad_ckpt, **kwargs)
-            capacity_bytes = None if capacity is None else int(capacity * GIB)
-            result = estimate(spec, capacity_bytes)
-    except (SpecError, Unsupported) as exc:
-        print(f"pytest-vram estimate: {exc}", file=sys.stderr)
+        result = _estimate(args)
+    except Exception as exc:  # every way out is one line and status 2, not a traceback
+        print(f"pytest-vram estimate: {_one_line(exc, args.model)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
@@ -363,3 +374,34 @@ def command(args: argparse.Namespace) -> int:
         print("\n".join(result.lines()))
     headroom = result.headroom_bytes
     return 1 if headroom is not None and headroom < 0 else 0
+
+
+def _estimate(args: argparse.Namespace) -> Estimate:
+    kwargs = {name: getattr(args, name) for name in _SPEC_ARGS if getattr(args, name) is not None}
+    capacity: float | None = args.capacity_gb
+    if capacity is not None and not capacity > 0:
+        raise SpecError(f"--capacity-gb={capacity!r} must be > 0")
+    capacity_bytes = None if capacity is None else int(capacity * GIB)
+    with zoo_entry(args.model) as name:
+        notes: tuple[str, ...] = ()
+        if "attention" not in kwargs:
+            # Not asked for: the one transformers itself falls back to, said in the notes,
+            # rather than a refusal of a choice the user did not make.
+            why = zoo.sdpa_missing(name)
+            kwargs["attention"] = "eager" if why else "sdpa"
+            notes = (f"attention eager, not the default sdpa: {why}",) if why else ()
+        spec = StepSpec.from_kwargs(model=name, grad_ckpt=args.grad_ckpt, **kwargs)
+        return estimate(spec, capacity_bytes, notes)
+
+
+def _one_line(exc: Exception, model: str) -> str:
+    """A refusal's message on one line; else the package whose frame raised, type, first line."""
+    from pytest_vram.methods import Unsupported
+
+    if isinstance(exc, (SpecError, Unsupported)):
+        return " ".join(str(exc).split())
+    tb, where = exc.__traceback__, "pytest_vram"
+    while tb is not None:  # to the innermost frame: transformers', torch's
+        where, tb = tb.tb_frame.f_globals.get("__name__", where), tb.tb_next
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"model {model!r}: {where.partition('.')[0]} raised {type(exc).__name__}: {first}"

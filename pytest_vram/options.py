@@ -16,18 +16,20 @@ from typing import Any, Final, final
 import pytest
 
 from pytest_vram.meters import METERS
+from pytest_vram.spec import SpecError
+from pytest_vram.units import parse_fraction
 
 __all__ = ["Settings", "add_options", "resolve"]
 
 
 def _tolerance(text: str) -> float:
+    """A fraction (0.05) or a percentage ("5%"); a fraction above 1 is refused, so that
+    ``--vram-tolerance 5`` is never silently 500%."""
     try:
-        value = float(text)
-    except ValueError:
-        raise pytest.UsageError(f"--vram-tolerance={text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise pytest.UsageError(f"--vram-tolerance={text!r} must be a number >= 0 (0.05 is 5%)")
-    return value
+        return parse_fraction("--vram-tolerance", text)
+    except SpecError as exc:
+        # A ValueError from a type= callable would become argparse's "invalid value" text.
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _timeout(text: str) -> float:
@@ -127,7 +129,8 @@ OPTIONS: Final = (
     ),
     _Option(
         "--vram-tolerance",
-        "default allowed drift from the baseline, as a fraction (default 0.05)",
+        "default allowed drift from the baseline: a fraction of 1 or less, e.g. 0.05, or a "
+        "percentage, e.g. 5% (default 0.05)",
         _tolerance,
         0.05,
     ),
@@ -164,13 +167,14 @@ OPTIONS: Final = (
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("vram", "GPU memory budgets and baselines (pytest-vram)")
     for opt in OPTIONS:
+        cli_help = opt.help.replace("%", "%%")  # argparse %-formats its help texts; ini does not
         if opt.is_flag:
             group.addoption(
-                opt.flag, action="store_true", dest=opt.dest, default=None, help=opt.help
+                opt.flag, action="store_true", dest=opt.dest, default=None, help=cli_help
             )
         else:
             group.addoption(
-                opt.flag, action="store", dest=opt.dest, default=None, type=opt.parse, help=opt.help
+                opt.flag, action="store", dest=opt.dest, default=None, type=opt.parse, help=cli_help
             )
         parser.addini(opt.ini, help=f"{opt.help} (ini twin of {opt.flag})", default=None)
 

@@ -7,10 +7,11 @@ from typing import Final
 import pytest
 
 from pytest_vram import methods
+from pytest_vram.fixture import Recorder
 from pytest_vram.gpus import assign_gpus, check_gpu_visible, check_workers
 from pytest_vram.marker import MARKER
 from pytest_vram.options import add_options, resolve
-from pytest_vram.session import Recorder, VramSession
+from pytest_vram.session import VramSession
 
 SESSION: Final = pytest.StashKey[VramSession]()
 _REGISTRY: Final = pytest.StashKey[methods.Snapshot]()

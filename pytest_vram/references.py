@@ -13,10 +13,10 @@ from typing import Final, final
 __all__ = [
     "LLAMA_FACTORY",
     "LLAMA_FACTORY_SOURCE",
-    "SEED_003",
-    "SEED_003_LARGEST_LAYER",
-    "SEED_003_PARAMS",
-    "SEED_003_SOURCE",
+    "QWEN_32B_DEEPSPEED",
+    "QWEN_32B_DEEPSPEED_LARGEST_LAYER",
+    "QWEN_32B_DEEPSPEED_PARAMS",
+    "QWEN_32B_DEEPSPEED_SOURCE",
     "EstimatorFigure",
     "TableRow",
     "TableValue",
@@ -26,7 +26,7 @@ __all__ = [
 LLAMA_FACTORY_SOURCE: Final = (
     "LLaMA-Factory README, 'Hardware Requirement' (*estimated*), "
     "github.com/hiyouga/LLaMA-Factory/blob/00409ff28a30f48d13b808029d37861423673a4a/README.md; "
-    "the table seed 000 shows as an image"
+    "reprinted as an image in LLaMA-Factory users' 8-GPU measurements (Juejin article, 2025)"
 )
 
 
@@ -98,9 +98,10 @@ def llama_factory(method: str, optimizer: str, precision: str, params: int) -> T
     return TableValue(row, None, row.gb_per_billion * billions)
 
 
-SEED_003_SOURCE: Final = (
-    "seed 003 (LLaMA-Factory, full fine-tuning of Qwen2.5-32B-Instruct on H100s with ZeRO-3 "
-    "offload runs out of memory): DeepSpeed's estimator output as the article quotes it"
+QWEN_32B_DEEPSPEED_SOURCE: Final = (
+    "DeepSpeed's estimator output for Qwen2.5-32B-Instruct, as quoted by an article on its "
+    "full fine-tuning with LLaMA-Factory on H100s, where ZeRO-3 offload ran out of memory "
+    "(LLaMA-Factory discussion, 2025)"
 )
 
 
@@ -119,9 +120,9 @@ class EstimatorFigure:
 # DeepSpeed's docs call the *_all_live estimators on AutoModel.from_pretrained(...), the bare
 # Qwen2Model: no lm_head, so 32_763_876_352 - 152_064 * 5_120 parameters. On 1 GPU, 1 node,
 # deepspeed 0.19.8 prints exactly these figures for that count (tests/test_estimate.py).
-SEED_003_PARAMS: Final = 31_985_308_672
-SEED_003_LARGEST_LAYER: Final = 152_064 * 5_120  # embed_tokens
-SEED_003: Final[tuple[EstimatorFigure, ...]] = (
+QWEN_32B_DEEPSPEED_PARAMS: Final = 31_985_308_672
+QWEN_32B_DEEPSPEED_LARGEST_LAYER: Final = 152_064 * 5_120  # embed_tokens
+QWEN_32B_DEEPSPEED: Final[tuple[EstimatorFigure, ...]] = (
     EstimatorFigure(3, "none", 539, None),  # "pure GPU"
     EstimatorFigure(3, "both", 2.9, 804),
     # The article says ZeRO-2; DeepSpeed's ZeRO-2 line prints 59.58 GB GPU. 62.48 is ZeRO-3's

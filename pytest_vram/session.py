@@ -10,23 +10,23 @@ from typing import Any, Final, final
 
 import pytest
 
-from pytest_vram import gpus, invariants
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
-from pytest_vram.marker import MARKER, MarkerArgs, check_capacity, check_device, parse_marker
+from pytest_vram.fixture import CAPACITIES, MARKER_ARGS, MARKER_ERROR, RESULTS
+from pytest_vram.marker import (
+    MARKER,
+    MarkerArgs,
+    parse_marker,
+)
 from pytest_vram.meters import unsupported
 from pytest_vram.meters.base import GIB, MemoryResult
 from pytest_vram.options import Settings
 from pytest_vram.report import Summary, write_json
 from pytest_vram.spec import SpecError, StepSpec
 from pytest_vram.verdict import Budget, CaseVerdict, judge
-from pytest_vram.worker import CaseFailure, Job, Worker
+from pytest_vram.worker import Job, Worker
 
-__all__ = ["RESULTS", "Recorder", "VramSession"]
+__all__ = ["VramSession", "split_nodeid"]
 
-MARKER_ARGS: Final = pytest.StashKey[MarkerArgs]()
-RESULTS: Final = pytest.StashKey[list[MemoryResult]]()
-# Device memory each result is checked against (capacity_gb), in the order of RESULTS.
-CAPACITIES: Final = pytest.StashKey[list[int | None]]()
 _PROPERTY: Final = "vram"
 # Host baselines need no probe of the device; cuda fingerprints come back with the first result.
 _STATIC_FINGERPRINTS: Final = {"host": "host-cpu", "fake": "fake"}
@@ -35,94 +35,6 @@ _STATIC_FINGERPRINTS: Final = {"host": "host-cpu", "fake": "fake"}
 def split_nodeid(nodeid: str) -> tuple[str, str]:
     module, _, test = nodeid.partition("::")
     return module, test
-
-
-@final
-class Recorder:
-    """The ``vram`` fixture: runs cases in the isolated worker and keeps their results.
-
-    ``assert_le`` / ``assert_lt`` / ``assert_ordered`` compare results (see ``invariants``).
-    """
-
-    assert_le = staticmethod(invariants.assert_le)
-    assert_lt = staticmethod(invariants.assert_lt)
-    assert_ordered = staticmethod(invariants.assert_ordered)
-
-    def __init__(self, session: VramSession, item: pytest.Item) -> None:
-        self._session = session
-        self._item = item
-        self.results: list[MemoryResult] = item.stash.setdefault(RESULTS, [])
-        self._capacities: list[int | None] = item.stash.setdefault(CAPACITIES, [])
-        args = item.stash.get(MARKER_ARGS, None)
-        self._capacity_gb = args.capacity_gb if args else None
-        self._device = args.device if args and args.device else session.settings.device
-
-    def step(
-        self, *, device: str | None = None, capacity_gb: float | None = None, **kwargs: Any
-    ) -> MemoryResult:
-        """One training step of ``StepSpec(**kwargs)``; marker spec arguments are the defaults.
-
-        ``device`` picks the meter for this case ("fake" sizes real models without weights);
-        ``capacity_gb`` is the device memory it must fit in (a peak above it: predicted OOM)."""
-        __tracebackhide__ = True
-        args = self._item.stash.get(MARKER_ARGS, None)
-        merged = {**(args.spec_defaults if args else {}), **kwargs}
-        try:
-            meter = check_device(device) if device is not None else self._device
-            capacity = check_capacity(capacity_gb) if capacity_gb is not None else self._capacity_gb
-            spec = StepSpec.from_kwargs(**merged)
-        except SpecError as exc:
-            error = f"vram.step: {exc}"
-        else:
-            devices = self._session.gpu_devices
-            if devices is not None and meter == "cuda":
-                worker = getattr(self._item.config, "workerinput", {}).get("workerid", "master")
-                reason = gpus.skip_reason(spec.ranks, devices, worker)
-                if reason:
-                    pytest.skip(f"{reason} [{spec.label}]")
-            job = self._session.job(meter, spec=spec, imports=self._imports())
-            return self._run(job, capacity)
-        pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
-
-    def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
-        """Run an importable function in the isolated child under the meter."""
-        __tracebackhide__ = True
-        job = self._session.job(
-            self._device, fn=fn, args=args, kwargs=kwargs, imports=self._imports()
-        )
-        try:
-            job.check_picklable()
-        except SpecError as exc:
-            error = str(exc)
-        else:
-            return self._run(job, self._capacity_gb)
-        pytest.fail(error, pytrace=False)
-
-    def _imports(self) -> tuple[str, ...]:
-        from pytest_vram.methods import extension_modules
-
-        return self._session.settings.imports + extension_modules()
-
-    def _run(self, job: Job, capacity_gb: float | None) -> MemoryResult:
-        __tracebackhide__ = True
-        # A spec measured once in a session is not measured again (invariant tests share
-        # cases with the cases' own tests); the meters are deterministic or nearly so.
-        key = (job.meter, job.spec.to_json(), job.imports) if job.spec is not None else None
-        cache = self._session.measured
-        out: MemoryResult | CaseFailure | None = cache.get(key) if key else None
-        if out is None:
-            out = self._session.worker.run(job, self._session.settings.timeout_s)
-            if key and isinstance(out, MemoryResult):
-                cache[key] = out
-        if isinstance(out, CaseFailure):
-            if out.kind == "unsupported":  # e.g. a library that calls CUDA, on the host meter
-                pytest.skip(f"{out.reason} [{out.label}]")
-            if out.kind == "spec":
-                pytest.fail(f"vram.step: {out.reason} [{out.label}]", pytrace=False)
-            pytest.fail(out.long_repr(), pytrace=False)
-        self.results.append(out)
-        self._capacities.append(None if capacity_gb is None else int(capacity_gb * GIB))
-        return out
 
 
 @final
@@ -144,6 +56,8 @@ class VramSession:
         self.pending: dict[tuple[str, str], Entries] = defaultdict(dict)
         self.summary = Summary(update=settings.update)
         self.errors: list[str] = []
+        # Invalid baseline entries a refresh replaced or kept: "<file>: <test> / <label>: <why>"
+        self.invalid: dict[str, list[str]] = {"replaced": [], "kept": []}
         self.devices: set[str] = set()
         if settings.device in _STATIC_FINGERPRINTS:
             self.devices.add(_STATIC_FINGERPRINTS[settings.device])
@@ -177,14 +91,16 @@ class VramSession:
 
     def store(self, device: str) -> BaselineStore:
         if device not in self._stores:
-            self._stores[device] = BaselineStore(self.settings.baselines_dir, device)
+            # Under --vram-update an invalid entry reads as missing: its test records anew.
+            self._stores[device] = BaselineStore(
+                self.settings.baselines_dir, device, replace_invalid=self.settings.update
+            )
         return self._stores[device]
 
     # -- collection -------------------------------------------------------------------------
 
     @pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: deselected tests are not "unused"
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        problems = []
         for item in items:
             module, test = split_nodeid(item.nodeid)
             self.collected[module].add(test)
@@ -197,7 +113,9 @@ class VramSession:
             try:
                 args = item.stash[MARKER_ARGS] = parse_marker(mark.args, mark.kwargs)
             except SpecError as exc:
-                problems.append(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}")
+                # Kept for the test's setup: a usage error here would stop every other test,
+                # and fail tests that -k deselects.
+                item.stash[MARKER_ERROR] = f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}"
                 continue
             if args.device == "cuda":
                 self.worker_meter = "cuda"
@@ -205,9 +123,13 @@ class VramSession:
                 meter = args.device or self.settings.device
                 reason = unsupported(meter, StepSpec.from_kwargs(**args.spec_defaults))
                 if reason:
-                    problems.append(f"{item.nodeid}: @pytest.mark.{MARKER}: {reason}")
-        if problems:
-            raise pytest.UsageError(*problems)
+                    item.stash[MARKER_ERROR] = f"{item.nodeid}: @pytest.mark.{MARKER}: {reason}"
+
+    @pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up for nothing
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        error = item.stash.get(MARKER_ERROR, None)
+        if error is not None:
+            pytest.fail(error, pytrace=False)
 
     # -- verdict ----------------------------------------------------------------------------
 
@@ -224,7 +146,7 @@ class VramSession:
             if report.passed:
                 report.outcome = "failed"
                 report.longrepr = (
-                    f"marked {MARKER}(gb={args.gb:g}) but measured nothing: "  # type: ignore[union-attr]
+                    f"marked {MARKER}(gb={args.budget_bytes / GIB:g}) but measured nothing: "  # type: ignore[union-attr]
                     "call vram.step(...) or vram.measure(...) with the vram fixture"
                 )
             return report
@@ -264,7 +186,7 @@ class VramSession:
             args.tolerance if args and args.tolerance is not None else self.settings.tolerance
         )
         leak = args.leak_tolerance if args else 0.0
-        budget = Budget.from_gib(args.gb if args else None, tolerance, leak)
+        budget = Budget(args.budget_bytes if args else None, tolerance, leak)
         hint = f"pytest-vram refresh '{item.nodeid}'"
         verdicts = []
         seen: dict[str, int] = defaultdict(int)
@@ -352,14 +274,22 @@ class VramSession:
         if self.settings.update:
             for key in sorted(set(self.pending) | set(unused)):
                 device, module = key
+                store = self.store(device)
                 try:
-                    self.store(device).write(module, self.pending.get(key, {}), unused.get(key, {}))
+                    merge = store.write(module, self.pending.get(key, {}), unused.get(key, {}))
                 except BaselineError as exc:
                     self.errors.append(str(exc))
+                    continue
+                path = store.path_for(module)
+                if path.is_relative_to(self.config.rootpath):
+                    path = path.relative_to(self.config.rootpath)
+                self.invalid["replaced"].extend(i.line(path) for i in merge.replaced)
+                self.invalid["kept"].extend(i.line(path) for i in merge.kept)
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: the controller prints the summary
             workeroutput["vram_unused"] = self.summary.unused
             workeroutput["vram_errors"] = self.errors
+            workeroutput["vram_invalid"] = self.invalid
         if self._snapshot_tmp is not None:
             shutil.rmtree(self._snapshot_tmp, ignore_errors=True)
         if workeroutput is None and self.settings.json_path is not None:
@@ -377,15 +307,28 @@ class VramSession:
             if line not in self.summary.unused:
                 self.summary.unused.append(line)
         self.errors.extend(e for e in output.get("vram_errors", []) if e not in self.errors)
+        for kind, lines in output.get("vram_invalid", {}).items():
+            self.invalid[kind].extend(line for line in lines if line not in self.invalid[kind])
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         try:
             lines = list(self.summary.lines())
         except Exception as exc:  # the summary never breaks the run
             lines = [f"pytest-vram could not render its summary: {exc!r}"]
-        if lines or self.errors:
+        # Another xdist worker may have replaced an entry this one kept: the file has the new one.
+        replaced = self.invalid["replaced"]
+        kept = [line for line in self.invalid["kept"] if line not in replaced]
+        if lines or self.errors or replaced or kept:
             terminalreporter.section("vram")
             for line in lines:
                 terminalreporter.write_line(line)
+            for line in replaced:
+                terminalreporter.write_line(f"replaced invalid entry {line}")
+            for line in kept:
+                terminalreporter.write_line(
+                    f"kept invalid entry {line} (not re-measured, left as it is: fix it, or "
+                    "refresh its test)",
+                    yellow=True,
+                )
             for error in self.errors:
                 terminalreporter.write_line(f"ERROR: {error}", red=True)

@@ -8,8 +8,9 @@ process can validate markers at collection without paying for it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "SpecError",
     "StepSpec",
     "check_field",
+    "unknown_name",
 ]
 
 PRECISIONS: Final = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
@@ -33,6 +35,13 @@ OFFLOADS: Final = ("none", "optimizer", "param", "both")
 # DeepSpeed wraps a plain torch optimizer; these methods train through it unchanged.
 ZERO_METHODS: Final = ("full", "freeze", "lora", "qlora")
 ZERO_OPTIMIZERS: Final = ("adamw", "sgd")
+# The ZeRO stages that can offload each part, and why the others cannot.
+_NO_PARAMS: Final = "only ZeRO-3 partitions parameters"
+OFFLOAD_STAGES: Final = {
+    "optimizer": ((1, 2, 3), "ZeRO-0 does not partition the optimizer state"),
+    "param": ((3,), _NO_PARAMS),
+    "both": ((3,), _NO_PARAMS),
+}
 
 OptionValue = int | float | str | bool | tuple[str, ...]
 Options = tuple[tuple[str, OptionValue], ...]
@@ -47,6 +56,42 @@ def _known(kind: str, value: object, known: Mapping[str, object] | tuple[str, ..
     return SpecError(f"unknown {kind} {value!r}; known: {names}")
 
 
+def _is_one_of(value: object, known: Mapping[str, object] | tuple[str, ...]) -> bool:
+    # A name is a string: a list or dict given instead must be refused, not hashed (TypeError).
+    return isinstance(value, str) and value in known
+
+
+def unknown_name(what: str, name: str, known: Sequence[str]) -> SpecError:
+    """``unknown <what>``, with where it belongs (a method's or optimizer's option, such as
+    ``rank``) or else the closest known name (a typo), then the whole list."""
+    hint = _option_hint(name)
+    if hint is None:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]}?" if close else ""
+    return SpecError(f"unknown {what}; {hint + ' ' if hint else ''}known: {', '.join(known)}")
+
+
+def _option_hint(name: str) -> str | None:
+    from pytest_vram import methods
+
+    places = []
+    for field, registry in (
+        ("method_options", methods.METHODS),
+        ("optimizer_options", methods.OPTIMIZERS),
+    ):
+        owners = [owner for owner, part in registry.items() if name in part.options]
+        if owners:
+            shown = ", ".join(owners[:3]) + (", ..." if len(owners) > 3 else "")
+            places.append(f"{field}={{{name!r}: ...}} ({shown})")
+    return f"an option: write {' or '.join(places)};" if places else None
+
+
+def _either(values: Sequence[int]) -> str:
+    """``1, 2 or 3``; ``3``."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{name}={value!r} must be an integer")
@@ -57,15 +102,20 @@ def _positive_int(name: str, value: object) -> int:
 
 def _options(name: str, value: object, declared: Mapping[str, OptionValue], owner: str) -> Options:
     """Options are validated against what the method/optimizer declares, then frozen sorted."""
-    if isinstance(value, tuple):
-        value = dict(value)
+    given = value
+    if isinstance(value, tuple):  # the frozen form, from a spec or its JSON
+        try:
+            value = dict(value)
+        except (TypeError, ValueError):
+            value = None
     if not isinstance(value, Mapping):
-        raise SpecError(f"{name}={value!r} must be a mapping of option name to value")
-    frozen: list[tuple[str, OptionValue]] = []
-    for key, val in sorted(value.items()):
+        raise SpecError(f"{name}={given!r} must be a mapping of option name to value")
+    for key in value:  # before sorting: keys of mixed types do not sort
         if key not in declared:
             known = ", ".join(sorted(declared)) or "none"
             raise SpecError(f"{name}: {owner} has no option {key!r}; its options: {known}")
+    frozen: list[tuple[str, OptionValue]] = []
+    for key, val in sorted(value.items()):
         val = _coerce(val, declared[key])
         if val is None:
             kind = type(declared[key]).__name__
@@ -91,19 +141,19 @@ def check_field(name: str, value: object) -> object:
     from pytest_vram import methods, zoo
 
     if name == "model":
-        if value not in zoo.MODELS:
+        if not _is_one_of(value, zoo.MODELS):
             raise _known("model", value, zoo.MODELS)
     elif name == "method":
-        if value not in methods.METHODS:
+        if not _is_one_of(value, methods.METHODS):
             raise _known("method", value, methods.METHODS)
     elif name == "optimizer":
-        if value not in methods.OPTIMIZERS:
+        if not _is_one_of(value, methods.OPTIMIZERS):
             raise _known("optimizer", value, methods.OPTIMIZERS)
     elif name == "precision":
-        if value not in PRECISIONS:
+        if not _is_one_of(value, PRECISIONS):
             raise _known("precision", value, PRECISIONS)
     elif name == "stage":
-        if value not in STAGES:
+        if not _is_one_of(value, STAGES):
             raise _known("stage", value, STAGES)
     elif name in ("batch", "seq", "steps"):
         return _positive_int(name, value)
@@ -111,23 +161,26 @@ def check_field(name: str, value: object) -> object:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SpecError(f"seed={value!r} must be an integer >= 0")
     elif name == "attention":
-        if value not in ATTENTIONS:
+        if not _is_one_of(value, ATTENTIONS):
             raise _known("attention", value, ATTENTIONS)
     elif name == "grad_ckpt":
         if not isinstance(value, bool):
             raise SpecError(f"grad_ckpt={value!r} must be True or False")
     elif name == "zero":
-        if value is not None and (isinstance(value, bool) or value not in ZERO_STAGES):
+        # an int: 1.0 == 1 would pass a plain `in`, and label the case zero1.0
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value not in ZERO_STAGES
+        ):
             raise SpecError(
                 f"zero={value!r} must be one of 0, 1, 2, 3 (DeepSpeed ZeRO stage) or None"
             )
     elif name == "offload":
-        if value not in OFFLOADS:
+        if not _is_one_of(value, OFFLOADS):
             raise _known("offload", value, OFFLOADS)
     elif name == "ranks":
         return _positive_int(name, value)
     elif name not in ("method_options", "optimizer_options"):
-        raise SpecError(f"unknown step argument {name!r}; known: {', '.join(FIELDS)}")
+        raise unknown_name(f"step argument {name!r}", name, FIELDS)
     return value
 
 
@@ -178,14 +231,16 @@ class StepSpec:
             raise SpecError(reason)
 
     def _zero_incompatible(self) -> str | None:
+        if self.offload in OFFLOAD_STAGES:
+            # The stages that work, whether zero is missing or too low: one message for both.
+            stages, why = OFFLOAD_STAGES[self.offload]
+            if self.zero not in stages:
+                got = "None (no DeepSpeed)" if self.zero is None else f"{self.zero} ({why})"
+                return f"offload={self.offload!r} needs zero={_either(stages)}; got zero={got}"
         if self.zero is None:
-            if self.offload != "none" or self.ranks != 1:
-                return f"offload={self.offload!r}, ranks={self.ranks} need DeepSpeed: set zero=0..3"
+            if self.ranks != 1:
+                return f"ranks={self.ranks} needs zero={_either(ZERO_STAGES)}; got zero=None (no DeepSpeed)"
             return None
-        if self.offload in ("param", "both") and self.zero != 3:
-            return f"offload={self.offload!r} offloads parameters, which only ZeRO-3 does; zero={self.zero}"
-        if self.offload == "optimizer" and self.zero == 0:
-            return "offload='optimizer' needs zero >= 1 (ZeRO-0 does not partition the optimizer)"
         if self.method not in ZERO_METHODS:
             return f"zero={self.zero} runs methods {', '.join(ZERO_METHODS)}; not {self.method!r}"
         if self.optimizer not in ZERO_OPTIMIZERS:
@@ -198,9 +253,9 @@ class StepSpec:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> StepSpec:
-        unknown = sorted(set(kwargs) - set(FIELDS))
-        if unknown:
-            raise SpecError(f"unknown step argument {unknown[0]!r}; known: {', '.join(FIELDS)}")
+        for name in kwargs:
+            if name not in FIELDS:
+                raise unknown_name(f"step argument {name!r}", name, FIELDS)
         if "model" not in kwargs:
             raise SpecError("model is required, e.g. model='tiny-llama'")
         return cls(**kwargs)

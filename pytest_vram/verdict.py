@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Final, Literal, final
 
 from pytest_vram.meters.base import GIB, MemoryResult, gib
+from pytest_vram.units import format_bytes, format_pair
 
 __all__ = ["Budget", "CaseVerdict", "judge", "versions_changed"]
 
@@ -108,8 +109,9 @@ def _leak(result: MemoryResult, tolerance: float) -> str | None:
     for step in range(2, len(peaks)):  # 1-based: compare step `step` with step `step + 1`
         before, after = peaks[step - 1], peaks[step]
         if before and after > before * (1 + tolerance):
+            shown_before, shown_after = format_pair(before, after)
             return (
-                f"peak grew from {gib(before):.4f} GiB at step {step} to {gib(after):.4f} GiB at "
+                f"peak grew from {shown_before} at step {step} to {shown_after} at "
                 f"step {step + 1} ({after / before - 1:+.2%}, {after - before:+,d} B) beyond leak "
                 f"tolerance {tolerance:.1%}: something is kept across steps"
             )
@@ -135,17 +137,17 @@ def judge(
     notes.extend(result.notes)
     if capacity_bytes is not None and peak > capacity_bytes:
         statuses.append("over-capacity")
+        shown_peak, shown_capacity = format_pair(peak, capacity_bytes)
         reasons.append(
-            f"out of memory predicted: peak {gib(peak):.3f} GiB exceeds the device's "
-            f"{gib(capacity_bytes):.3f} GiB by {gib(peak - capacity_bytes):.3f} GiB "
+            f"out of memory predicted: peak {shown_peak} exceeds the device's "
+            f"{shown_capacity} by {format_bytes(peak - capacity_bytes)} "
             f"({peak / capacity_bytes - 1:+.1%}) {tag}"
         )
     if budget.bytes is not None and peak > budget.bytes:
         statuses.append("over-budget")
         over = peak / budget.bytes - 1
-        reasons.append(
-            f"peak {gib(peak):.3f} GiB exceeds budget {gib(budget.bytes):.3f} GiB ({over:+.1%}) {tag}"
-        )
+        shown_peak, shown_budget = format_pair(peak, budget.bytes)
+        reasons.append(f"peak {shown_peak} exceeds budget {shown_budget} ({over:+.1%}) {tag}")
     leak = _leak(result, budget.leak_tolerance)
     if leak:
         statuses.append("leak")
@@ -178,9 +180,11 @@ def judge(
                     if moved
                     else "the recorded environment is the same"
                 )
+            shown_peak, shown_base = format_pair(peak, baseline.peak_bytes)
+            delta = format_bytes(peak - baseline.peak_bytes, sign=True)
             line = (
-                f"peak {gib(peak):.3f} GiB is {drift:+.1%} ({gib(peak - baseline.peak_bytes):+.3f} GiB) "
-                f"from baseline {gib(baseline.peak_bytes):.3f} GiB, beyond tolerance "
+                f"peak {shown_peak} is {drift:+.1%} ({delta}) "
+                f"from baseline {shown_base}, beyond tolerance "
                 f"{budget.tolerance:.1%} {tag}; {why}"
             )
             if drift > 0:

@@ -35,6 +35,7 @@ __all__ = ["RANK_PARENT_MODULES", "CaseFailure", "Job", "Worker", "preload_modul
 # measured window; a case child imports its meter's list again (a no-op when the server had it)
 # so a host case measures the same in a GPU session's server. Missing ones are skipped.
 _HOST_PRELOAD: Final = (
+    "pytest_vram.quiet",  # first: its filters drop the libraries' import chatter below
     "torch",
     "transformers",
     "peft",
@@ -49,6 +50,7 @@ _HOST_PRELOAD: Final = (
 # get_device_capability() at import; the cases import them after the fork.
 _CUDA_PRELOAD: Final = (
     "pytest_vram.forksafe",  # first: arms itself (ARM_VARIABLE) so later probes are remembered
+    "pytest_vram.quiet",
     "torch",
     "transformers",
     "pytest_vram.step",
@@ -63,6 +65,7 @@ RANK_PARENT_MODULES: Final = (
 )
 # Set for the cuda server: is_available()/device_count() ask NVML and leave fork usable.
 _CUDA_SERVER_ENV: Final = {NVML_CHECK: "1", ARM_VARIABLE: "1"}
+HUB_OFFLINE: Final = "HF_HUB_OFFLINE"
 
 
 def preload_modules(meter: str) -> tuple[str, ...]:
@@ -77,6 +80,7 @@ def preload_modules(meter: str) -> tuple[str, ...]:
 _TAIL_LINES: Final = 20
 # After the child has sent its result it only has to exit; do not wait long for that.
 _EXIT_GRACE_S: Final = 30.0
+_START_ATTEMPTS: Final = 5  # a server that died is gone within a few tries
 
 FailureKind = Literal["crash", "timeout", "oom", "error", "spec", "unsupported"]
 
@@ -186,6 +190,9 @@ def _child(job: Job, conn: multiprocessing.connection.Connection, output_path: s
     fd = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    from pytest_vram import quiet  # libraries' import chatter out of the case's output tail
+
+    quiet.install()
     try:
         message: tuple[str, ...] = ("ok", _execute(job).to_json())
     except BaseException as exc:  # noqa: B036 - every way out becomes a message
@@ -229,7 +236,10 @@ def _start_server(meter: str) -> str:
     if _server_meter is None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload_modules(meter)))
-        env = _CUDA_SERVER_ENV if meter == "cuda" else {}
+        env = dict(_CUDA_SERVER_ENV) if meter == "cuda" else {}
+        # Cases build models from configs and never download; huggingface_hub reads this once,
+        # at import, so it is set for the server. A user who exported it keeps their value.
+        env.setdefault(HUB_OFFLINE, os.environ.get(HUB_OFFLINE, "1"))
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
         try:
@@ -276,12 +286,28 @@ class Worker:
     def _run(self, job: Job, timeout_s: float, output_path: str) -> MemoryResult | CaseFailure:
         recv, send = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=_child, args=(job, send, output_path), daemon=True)
-        proc.start()
+        for attempt in range(_START_ATTEMPTS):
+            # multiprocessing starts a new server when its own has died, but one killed a
+            # moment ago still looks alive (waitpid has nothing yet) and drops the request.
+            try:
+                proc.start()
+                break
+            except (EOFError, OSError):
+                if attempt == _START_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5)
         send.close()
         deadline = time.monotonic() + timeout_s
         message: tuple[str, ...] | None = None
         try:
             ready = multiprocessing.connection.wait([recv, proc.sentinel], timeout=timeout_s)
+            # The sentinel is the server's pipe: it reports a child's exit after reaping it, so
+            # a child "ended" but still there means the server died. The child runs on,
+            # orphaned, and its result still comes through its own pipe.
+            server_died = recv not in ready and bool(ready) and _running(proc.pid)
+            if server_died:
+                left = max(0.0, deadline - time.monotonic())
+                ready = multiprocessing.connection.wait([recv], timeout=left)
             if recv in ready:
                 try:
                     message = recv.recv()
@@ -295,6 +321,9 @@ class Worker:
             if proc.is_alive():
                 _kill_group(proc.pid)
                 proc.join()
+            # A child that crashed or was killed by the OS leaves what it started (ranks,
+            # DataLoader workers) running in its group: end them too.
+            _kill_group(proc.pid, leader_gone=True)
         if message is not None:
             return self._from_message(job, message, proc.exitcode, output_path)
         if timed_out:
@@ -303,6 +332,15 @@ class Worker:
                 "timeout",
                 f"timed out after {timeout_s:g} s (--vram-timeout), killed",
                 proc.exitcode,
+                _tail(output_path),
+            )
+        if server_died:  # multiprocessing says 255 for the exit status it could not learn
+            return CaseFailure(
+                job.label,
+                "crash",
+                "the worker server died during the case, which then ended without a result "
+                "(its exit status is lost with the server)",
+                None,
                 _tail(output_path),
             )
         return CaseFailure(
@@ -324,13 +362,29 @@ class Worker:
         return CaseFailure(job.label, kind, reason, exitcode, _tail(output_path), tb)  # type: ignore[arg-type]
 
 
-def _kill_group(pid: int | None) -> None:
+def _kill_group(pid: int | None, leader_gone: bool = False) -> None:
+    """SIGKILL the case child's process group. With ``leader_gone`` (the child has exited) only
+    the group: Linux does not hand out a pid as a new process's while a group still holds it as
+    its id, but once the group is empty the number may be anyone's, so no kill by pid then."""
     if pid is None:
         return
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
+        if leader_gone:
+            return
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _running(pid: int | None) -> bool:
+    """Whether ``pid`` still exists (a zombie counts): ours, so not another user's."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

@@ -358,15 +358,10 @@ def run_ranks(
                     _, status = os.waitpid(pids[rank], 0)
                     pids[rank] = 0
                     raise RuntimeError(
-                        f"rank {rank} of {spec.ranks} ended ({_status(status)}) "
-                        "before sending a result"
+                        f"rank {rank} of {spec.ranks} {_status(status)} before sending a result"
                     ) from None
-                if kind == "oom":
-                    raise RankOutOfMemory(
-                        f"rank {rank} of {spec.ranks} ran out of memory:\n{payload}"
-                    )
                 if kind != "ok":
-                    raise RuntimeError(f"rank {rank} of {spec.ranks} failed:\n{payload}")
+                    raise rank_error(rank, spec.ranks, kind, payload)
                 results[rank] = MemoryResult.from_json(payload)
     finally:
         for conn in conns:
@@ -392,8 +387,10 @@ def rank_error(rank: int, ranks: int, kind: str, payload: str) -> Exception:
 
 def _status(status: int) -> str:
     if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.waitstatus_to_exitcode(status)}"
+        sig = signal.Signals(os.WTERMSIG(status))
+        hint = " (the OS out-of-memory killer sends this)" if sig == signal.SIGKILL else ""
+        return f"was killed by {sig.name}{hint}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
 def combine(spec: StepSpec, ranks: list[MemoryResult]) -> MemoryResult:

@@ -15,7 +15,16 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["MODELS", "ModelShape", "build_config", "build_model"]
+__all__ = [
+    "MODELS",
+    "ModelShape",
+    "attention_refusal",
+    "build_config",
+    "build_model",
+    "model_class",
+    "registered",
+    "sdpa_missing",
+]
 
 
 @final
@@ -127,7 +136,8 @@ _LANGUAGE: Final[Mapping[str, ModelShape]] = {
         },
         published_params=32_763_876_352,
     ),
-    # Seed 004's QLoRA example (ms-swift). Model card: 14.8B parameters, 13.2B non-embedding.
+    # The QLoRA example of a PEFT explainer article (ms-swift). Model card: 14.8B parameters,
+    # 13.2B non-embedding.
     "qwen3-14b": ModelShape(
         "qwen3",
         {
@@ -244,13 +254,56 @@ def auto_class(name: str) -> Any:
     return AutoModelForCausalLM if MODELS[name].kind == "causal-lm" else AutoModelForImageTextToText
 
 
+def model_class(name: str) -> type[PreTrainedModel]:
+    """The model class ``build_model`` builds for the shape (e.g. Gemma2ForCausalLM)."""
+    from transformers.models.auto import modeling_auto
+
+    mapping = (
+        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+        if MODELS[name].kind == "causal-lm"
+        else modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    )
+    config = build_config(name)
+    found: Any = mapping[type(config)]
+    if isinstance(found, tuple):  # several classes: from_config's choice, by architectures
+        by_name = {c.__name__: c for c in found}
+        archs = getattr(config, "architectures", None) or ()
+        found = next((by_name[a] for a in archs if a in by_name), found[0])
+    cls: type[PreTrainedModel] = found
+    return cls
+
+
+def sdpa_missing(name: str) -> str | None:
+    """Why transformers cannot build the shape with sdpa attention, or None when it can. Eager
+    attention is every model's; sdpa is the model class's to declare (Gemma2 does not), and
+    transformers raises on it only once the model is being built, in a 40-line traceback."""
+    cls = model_class(name)
+    if cls._supports_sdpa:
+        return None
+    import transformers
+
+    return f"{cls.__name__} has no sdpa attention in transformers {transformers.__version__}"
+
+
+def attention_refusal(name: str, attention: str) -> str | None:
+    """Why the shape cannot be built with ``attention``, naming the one to use; None if it can."""
+    why = sdpa_missing(name) if attention == "sdpa" else None
+    return None if why is None else f"model {name!r}: {why}; use attention='eager'"
+
+
 def build_model(
     name: str, dtype: torch.dtype, device: str | torch.device = "cpu", attention: str = "sdpa"
 ) -> PreTrainedModel:
     """Random-weight causal LM of the named shape, built directly in ``dtype`` on ``device``,
-    with transformers' ``attention`` implementation (sdpa or eager)."""
+    with transformers' ``attention`` implementation (sdpa or eager). An attention the model
+    does not have is a ``SpecError`` naming the one to use."""
     import torch
 
+    from pytest_vram.spec import SpecError
+
+    refusal = attention_refusal(name, attention)
+    if refusal:
+        raise SpecError(refusal)
     config = build_config(name)
     auto = auto_class(name)
     with torch.device(device):

@@ -1,7 +1,8 @@
 """Orderings practitioners rely on when they pick a method, checked on real steps.
 
-The seed tables show each of these breaking in the wild (QLoRA above LoRA, offload above no
-offload, estimate tables 10-20% low); a failure names both cases and both numbers.
+Published measurements (LLaMA-Factory users' 8-GPU runs, the LLaMA-Factory README's hardware
+table) show each of these breaking in the wild (QLoRA above LoRA, offload above no offload,
+estimate tables 10-20% low); a failure names both cases and both numbers.
 
 Budgets are 0.25 GiB though no host peak here reaches 80 MiB: they are sized for the GPU, whose
 reserved peak adds the cuBLAS workspace, foreach AdamW's temporaries and the caching

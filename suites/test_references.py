@@ -14,8 +14,8 @@ LOMO's 0.24 GB of gradients is its largest single one, the fp16 embedding's (320
 2 B = 0.244 GiB): LOMO updates and drops each gradient as the next arrives, and at its step's
 peak (the loss) it holds none.
 
-Further down: the orderings of seed 000 (LLaMA-Factory users' ZeRO-3 runs on 8 GPUs) on
-simulated ranks, and QLoRA's weight size. ``python benchmarks/reference_table.py`` prints every
+Further down: the orderings of LLaMA-Factory users' 8-GPU ZeRO-3 measurements (Juejin article,
+2025) on simulated ranks, and QLoRA's weight size. ``python benchmarks/reference_table.py`` prints every
 figure here beside ours, DeepSpeed's estimator and LLaMA-Factory's table, with the error.
 """
 
@@ -123,12 +123,13 @@ def test_lomo_table_1_activations_without_checkpointing(vram) -> None:
     assert activations(eager) < activations(eager) + clamp_2023 < paper
 
 
-# Seed 000: LLaMA-Factory on 8 x RTX 4090 48 GB, DeepSpeed ZeRO-3, bf16, gradient checkpointing
-# (LLaMA-Factory's default), batch 2 per device; GB summed over the 8 GPUs as nvidia-smi shows
-# them. The article does not give the sequence length (LLaMA-Factory pads each batch to its
-# longest sample, up to cutoff_len), so these cases trace 1024 tokens and check the orderings.
+# LLaMA-Factory users' 8-GPU measurements (Juejin article, 2025): 8 x RTX 4090 48 GB, DeepSpeed
+# ZeRO-3, bf16, gradient checkpointing (LLaMA-Factory's default), batch 2 per device; GB summed
+# over the 8 GPUs as nvidia-smi shows them. The article does not give the sequence length
+# (LLaMA-Factory pads each batch to its longest sample, up to cutoff_len), so these cases trace
+# 1024 tokens and check the orderings.
 # "LoRA 4-bit + offload" is ZeRO-3 with parameters and optimizer offloaded to the CPU.
-SEED_000_GB = {
+EIGHT_GPU_GB = {
     "deepseek-r1-distill-qwen-1.5b": {
         "full": 77.03,
         "freeze": 38.92,
@@ -139,35 +140,35 @@ SEED_000_GB = {
     # DeepSeek-R1-Distill-Qwen-32B is Qwen2.5-32B's architecture. Full: out of memory.
     "qwen2.5-32b": {"freeze": 133.75, "qlora": 75.42, "qlora offload": 188.8},
 }
-SEED_000 = {"precision": "bf16", "batch": 2, "seq": 1024, "grad_ckpt": True, "zero": 3, "ranks": 8}
-SEED_000_CARD_GIB = 48
+EIGHT_GPU = {"precision": "bf16", "batch": 2, "seq": 1024, "grad_ckpt": True, "zero": 3, "ranks": 8}
+EIGHT_GPU_CARD_GIB = 48
 
 
-@pytest.mark.parametrize("model", list(SEED_000_GB))
-def test_seed_000_orderings_hold_on_every_rank(vram, model: str) -> None:
-    """full > freeze > LoRA 4-bit >= + offload >= + batch 1, per rank. The seed's 32B row with
+@pytest.mark.parametrize("model", list(EIGHT_GPU_GB))
+def test_llama_factory_8_gpu_orderings_hold_on_every_rank(vram, model: str) -> None:
+    """full > freeze > LoRA 4-bit >= + offload >= + batch 1, per rank. The article's 32B row with
     offload (188.8 GB against 75.42 without) breaks the fourth: offloading parameters and
     optimizer state can only move device memory to the host, which the simulation does and
     a correct engine does (``suites/test_zero.py`` checks the real one)."""
-    full = vram.step(model=model, method="full", **SEED_000)
-    freeze = vram.step(model=model, method="freeze", **SEED_000)
-    qlora = vram.step(model=model, method="qlora", **SEED_000)
-    offload = vram.step(model=model, method="qlora", offload="both", **SEED_000)
-    batch_1 = vram.step(model=model, method="qlora", offload="both", **{**SEED_000, "batch": 1})
+    full = vram.step(model=model, method="full", **EIGHT_GPU)
+    freeze = vram.step(model=model, method="freeze", **EIGHT_GPU)
+    qlora = vram.step(model=model, method="qlora", **EIGHT_GPU)
+    offload = vram.step(model=model, method="qlora", offload="both", **EIGHT_GPU)
+    batch_1 = vram.step(model=model, method="qlora", offload="both", **{**EIGHT_GPU, "batch": 1})
     vram.assert_ordered(batch_1, offload, qlora, freeze, full)
     vram.assert_lt(offload, qlora, term="model_state")
     assert offload.host_offload_bytes > 0
 
 
-def test_seed_000_32b_full_fine_tuning_does_not_fit_48_gb_cards(vram) -> None:
-    """The seed's 32B full run ran out of memory as training started. ZeRO-3 bf16 keeps 20
+def test_llama_factory_8_gpu_32b_full_fine_tuning_does_not_fit_48_gb_cards(vram) -> None:
+    """The article's 32B full run ran out of memory as training started. ZeRO-3 bf16 keeps 20
     bytes per parameter (2 of weights, 6 of gradients: the bf16 partition and its fp32 copy,
     12 of optimizer state), over 8 ranks 76 GiB each before any activation."""
-    full = vram.step(model="qwen2.5-32b", method="full", **SEED_000)
+    full = vram.step(model="qwen2.5-32b", method="full", **EIGHT_GPU)
     rank = full.ranks[0].breakdown
     model_state = rank.param_bytes + rank.grad_bytes + rank.optimizer_bytes
     assert model_state == pytest.approx(20 * full.total_params / 8, rel=0.001)
-    assert gb(model_state) > SEED_000_CARD_GIB
+    assert gb(model_state) > EIGHT_GPU_CARD_GIB
 
 
 def test_qlora_7b_base_weights(vram) -> None:

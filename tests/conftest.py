@@ -31,6 +31,16 @@ if TYPE_CHECKING:
 SMALL = 'model="tiny-llama", batch=1, seq=32'
 LABEL = "tiny-llama full adamw bf16 b1 s32"
 GIB = 2**30
+# A 2-layer decoder at width 64, in transformers' config keys: architectures shrunk to this
+# build and step in a second on the host meter.
+TINY_SHAPE: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def output(result: pytest.RunResult) -> str:

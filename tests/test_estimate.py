@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import TINY_SHAPE
 from pytest_vram import references, zoo
 from pytest_vram.cli import main
 from pytest_vram.estimate import deepspeed_figure
@@ -104,30 +106,30 @@ def test_zero_prints_the_simulation_per_rank(capsys: pytest.CaptureFixture[str])
     assert "  ZeRO-2 per rank (max over 2 ranks)" in capsys.readouterr().out
 
 
-def test_seed_003_reproduces_deepspeed_printed_figures(
+def test_qwen_32b_h100_article_quotes_deepspeed_printed_figures(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Seed 003 quotes DeepSpeed's estimator for Qwen2.5-32B; its count is AutoModel's (no
-    lm_head), as in DeepSpeed's docs, on 1 GPU."""
+    """The article on full fine-tuning Qwen2.5-32B on H100s with LLaMA-Factory quotes DeepSpeed's
+    estimator; its count is AutoModel's (no lm_head), as in DeepSpeed's docs, on 1 GPU."""
     import torch
     from transformers import AutoModel
 
     with torch.device("meta"):
         bare = AutoModel.from_config(zoo.build_config("qwen2.5-32b"))
-    assert sum(p.numel() for p in bare.parameters()) == references.SEED_003_PARAMS
+    assert sum(p.numel() for p in bare.parameters()) == references.QWEN_32B_DEEPSPEED_PARAMS
     assert (
-        references.SEED_003_PARAMS + QWEN_32B_EMBEDDING
+        references.QWEN_32B_DEEPSPEED_PARAMS + QWEN_32B_EMBEDDING
         == zoo.MODELS["qwen2.5-32b"].published_params
     )
 
     stage3.estimate_zero3_model_states_mem_needs_all_cold(
-        references.SEED_003_PARAMS, references.SEED_003_LARGEST_LAYER
+        references.QWEN_32B_DEEPSPEED_PARAMS, references.QWEN_32B_DEEPSPEED_LARGEST_LAYER
     )
     printed = capsys.readouterr().out
-    for figure in references.SEED_003:
+    for figure in references.QWEN_32B_DEEPSPEED:
         spec = StepSpec(model="qwen2.5-32b", zero=figure.zero, offload=figure.offload)
         column = deepspeed_figure(
-            spec, references.SEED_003_PARAMS, references.SEED_003_LARGEST_LAYER
+            spec, references.QWEN_32B_DEEPSPEED_PARAMS, references.QWEN_32B_DEEPSPEED_LARGEST_LAYER
         )
         assert not isinstance(column, str), column
         gpu, cpu = column.gpu_bytes / GIB, column.cpu_bytes / GIB
@@ -180,8 +182,8 @@ def test_config_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     [
         (["no-such-model"], "unknown model 'no-such-model': neither a zoo model nor a config.json"),
         (["tiny-llama", "--method", "nope"], "unknown method 'nope'"),
-        (["tiny-llama", "--offload", "both"], "offload='both', ranks=1 need DeepSpeed"),
-        (["tiny-llama", "--zero", "2", "--offload", "param"], "only ZeRO-3 does; zero=2"),
+        (["tiny-llama", "--offload", "both"], "offload='both' needs zero=3; got zero=None"),
+        (["tiny-llama", "--zero", "2", "--offload", "param"], "needs zero=3; got zero=2"),
         (["tiny-llama", "--capacity-gb", "0"], "--capacity-gb=0.0 must be > 0"),
     ],
 )
@@ -259,3 +261,120 @@ def test_deepspeed_column_counts_the_base_model_not_packed_bytes(
     assert data["columns"]["deepspeed"]["total_params"] == data["base_params"]
     assert data["result"]["total_params"] < data["base_params"]
     assert "uint8" in data["result"]["param_dtype_bytes"]
+
+
+def estimate_process(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pytest-vram estimate ARGS`` in a fresh process."""
+    command = [sys.executable, "-m", "pytest_vram.cli", "estimate", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, check=False)
+
+
+def small_config(path: Path, kind: str = "LlamaConfig", **fields: Any) -> Path:
+    """A 2-layer config.json of transformers' ``kind`` config class."""
+    import transformers
+
+    shape: dict[str, Any] = {**TINY_SHAPE, "head_dim": 16}
+    getattr(transformers, kind)(**{**shape, **fields}).to_json_file(path)
+    return path
+
+
+def test_a_model_without_sdpa_runs_eager_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Gemma2 has no sdpa attention in transformers: unasked, the estimate uses eager (as
+    transformers itself falls back) and says so; --attention eager runs without a note (the
+    meta-device parameter count used to build with sdpa regardless); --attention sdpa is
+    refused in one line naming the attention to use."""
+    import transformers
+
+    path = small_config(tmp_path / "config.json", "Gemma2Config", query_pre_attn_scalar=16)
+    why = f"Gemma2ForCausalLM has no sdpa attention in transformers {transformers.__version__}"
+
+    data = run_json(capsys, str(path), "--seq", "16")
+    assert data["result"]["spec"]["attention"] == "eager"
+    assert data["result"]["notes"][0] == f"attention eager, not the default sdpa: {why}"
+    assert main(["estimate", str(path), "--seq", "16"]) == 0
+    captured = capsys.readouterr()
+    assert f"  note: attention eager, not the default sdpa: {why}\n" in captured.out
+    assert captured.err == ""
+
+    eager = run_json(capsys, str(path), "--seq", "16", "--attention", "eager")
+    assert eager["result"]["peak_bytes"] == data["result"]["peak_bytes"]
+    assert not any("attention" in note for note in eager["result"]["notes"])
+
+    assert main(["estimate", str(path), "--attention", "sdpa"]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        "",
+        f"pytest-vram estimate: model {str(path)!r}: {why}; use attention='eager'\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # Fails the config class's own validation (huggingface_hub's StrictDataclassError).
+        (
+            {"num_attention_heads": 5},
+            ": Class validation error for validator 'validate_architecture': ValueError: The "
+            "hidden size (64) is not a multiple of the number of attention heads (5).",
+        ),
+        # Builds an embedding whose padding_idx fails an assert.
+        (
+            {"pad_token_id": 600},
+            ": pad_token_id=600 is outside the vocabulary (vocab_size=512); set it below "
+            "vocab_size or to null",
+        ),
+        # Passes the config, fails in the forward.
+        (
+            {"num_key_value_heads": 3},
+            ": transformers raised RuntimeError: The size of tensor a (4) must match the "
+            "size of tensor b (3) at non-singleton dimension 1",
+        ),
+    ],
+)
+def test_a_config_transformers_cannot_run_exits_2_in_one_line(
+    tmp_path: Path, fields: dict[str, Any], message: str
+) -> None:
+    """In a process of its own, as a user runs it (transformers binds its log handler to the
+    stderr of the moment, which capsys closes). transformers' own warnings about the config
+    may come first, as lines of their own; never a traceback."""
+    path = tmp_path / "config.json"
+    small_config(path, **{k: v for k, v in fields.items() if k != "num_attention_heads"})
+    if "num_attention_heads" in fields:  # the config class itself refuses to write it
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    run = estimate_process(tmp_path, str(path), "--seq", "8")
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("[transformers]")]
+    assert (run.returncode, run.stdout) == (2, "")
+    assert lines == [f"pytest-vram estimate: model {str(path)!r}{message}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "the following arguments are required: model"),
+        (["tiny-llama", "--batch", "x"], "argument --batch: invalid int value: 'x'"),
+        (["tiny-llama", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ],
+)
+def test_bad_arguments_exit_2_in_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["estimate", *args]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        "",
+        f"pytest-vram estimate: {message} (see pytest-vram estimate --help)\n",
+    )
+
+
+def test_libraries_import_chatter_stays_out_of_stderr(tmp_path: Path) -> None:
+    """A fresh process, as a user runs it: LoRA imports peft, which imports bitsandbytes (its
+    'Failed to load CPU gemm_4bit_forward from kernels-community' line), peft reads
+    transformers' deprecated is_gradient_checkpointing, and the DeepSpeed column imports
+    DeepSpeed, which guesses its accelerator aloud. None of that is the estimate's."""
+    args = ["tiny-llama", "--method", "lora", "--zero", "2", "--ranks", "2", "--seq", "16"]
+    run = estimate_process(tmp_path, *args)
+    assert run.returncode == 0, run.stderr
+    assert "  DeepSpeed estimator    " in run.stdout
+    assert run.stderr == ""

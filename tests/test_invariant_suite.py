@@ -1,7 +1,7 @@
 """The shipped invariant suite catches a planted bug, naming the pair and the numbers.
 
 The plant is an "8-bit" AdamW whose offload keeps the fp32 moments as well: the class of bug
-in the seed tables (a memory-saving option that costs more). It is registered over the real
+in LLaMA-Factory users' 8-GPU measurements (a memory-saving option that costs more). It is registered over the real
 ``adamw-8bit`` by an importable module, so the worker child runs it too.
 """
 

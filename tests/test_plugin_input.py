@@ -1,14 +1,15 @@
-"""Bad input: marker arguments fail collection, bad vram.step() values fail their test, bad
-options and ini values are usage errors; every message names the argument and the bad value."""
+"""Bad input: a bad marker fails its own test (the rest of the session runs), bad vram.step()
+values fail their test, bad options and ini values are usage errors; every message names the
+argument and the bad value."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import SMALL, output
+from conftest import LABEL, SMALL, output
 
 USAGE = pytest.ExitCode.USAGE_ERROR
-PREFIX = "ERROR: test_mem.py::test_a: @pytest.mark.vram_budget: "
+PREFIX = "test_mem.py::test_a: @pytest.mark.vram_budget: "
 
 
 def marked(marker_args: str, body: str = f"vram.step({SMALL})") -> str:
@@ -33,6 +34,15 @@ def assert_usage_error(result: pytest.RunResult, *lines: str) -> None:
     assert " passed" not in text and " failed" not in text  # nothing ran
 
 
+def assert_marker_error(result: pytest.RunResult, *lines: str, passed: int = 1) -> None:
+    """The marked test errors at setup with ``lines``; the others ran and passed."""
+    text = output(result)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, text
+    assert "Traceback" not in text and "INTERNALERROR" not in text, text
+    result.assert_outcomes(errors=1, passed=passed)
+    result.stdout.fnmatch_lines(["*_ ERROR at setup of test_a _*", *lines])
+
+
 @pytest.mark.parametrize(
     ("marker_args", "message"),
     [
@@ -40,15 +50,23 @@ def assert_usage_error(result: pytest.RunResult, *lines: str) -> None:
         ("1", "takes keyword arguments only, got positional (1,); write gb=..."),
         ("gb=0", "gb=0 must be > 0 (GiB)"),
         ("gb=-1", "gb=-1 must be > 0 (GiB)"),
-        ('gb="big"', "gb='big' must be a number"),
-        ("gb=True", "gb=True must be a number"),
-        ('gb=float("nan")', "gb=nan must be a number"),
+        ('gb="big"', "gb='big' is not a size: write a number (GiB) or a number with its unit, *"),
+        ("gb=True", "gb=True must be a number (GiB) or a size with its unit, e.g. '512MiB'"),
+        ('gb=float("nan")', "gb=nan must be a number (GiB) or a size with its unit, *"),
+        ('gb="24GB"', "gb='24GB': GB is ambiguous (*): write '24GiB' (GiB = 2**30 bytes) *"),
         (
             "gb=1, colour='red'",
             "unknown keyword colour='red'; known: gb, tolerance, leak_tolerance, capacity_gb, device, model, *",
         ),
+        # a misspelt gb= is named, not reported as "gb is missing"
+        ("gbb=1", "unknown keyword gbb=1; did you mean gb? known: gb, tolerance, *"),
+        ("gb=1, modle='tiny-llama'", "unknown keyword modle='tiny-llama'; did you mean model? *"),
         ("gb=1, tolerance=-0.1", "tolerance=-0.1 must be >= 0 (0.05 is 5%)"),
-        ("gb=1, tolerance='5%'", "tolerance='5%' must be a number"),
+        (
+            "gb=1, tolerance=5",
+            "tolerance=5 is more than 1: write a fraction of 1 or less (0.05) or a percentage ('5%')",
+        ),
+        ("gb=1, leak_tolerance='150%'", "leak_tolerance='150%' must be 100% or less"),
         ("gb=1, model='gpt-9'", "unknown model 'gpt-9'; known: *tiny-llama*"),
         ("gb=1, method='qlora-9'", "unknown method 'qlora-9'; known: *freeze, full, *lora*"),
         ("gb=1, optimizer='lion'", "unknown optimizer 'lion'; known: *adamw, *sgd*"),
@@ -60,15 +78,19 @@ def assert_usage_error(result: pytest.RunResult, *lines: str) -> None:
         ("gb=1, seq=0", "seq=0 must be >= 1"),
         ("gb=1, steps=0", "steps=0 must be >= 1"),
         ("gb=1, batch=2.5", "batch=2.5 must be an integer"),
+        (
+            "gb=1, model='tiny-llama', offload='optimizer'",
+            "offload='optimizer' needs zero=1, 2 or 3; got zero=None (no DeepSpeed)",
+        ),
     ],
 )
-def test_bad_marker_is_a_collection_usage_error(vram_project, marker_args, message) -> None:
+def test_bad_marker_fails_its_own_test(vram_project, marker_args, message) -> None:
     vram_project.write(marked(marker_args))
     result = vram_project.run()
-    assert_usage_error(result, PREFIX + message)
+    assert_marker_error(result, PREFIX + message)
 
 
-def test_every_bad_marker_is_reported_at_once(vram_project) -> None:
+def test_bad_markers_fail_only_their_tests_in_every_file(vram_project) -> None:
     vram_project.write(
         """
         import pytest
@@ -80,14 +102,53 @@ def test_every_bad_marker_is_reported_at_once(vram_project) -> None:
         @pytest.mark.vram_budget(gb=1, seq=0)
         def test_b(vram):
             pass
+
+        def test_c():
+            pass
         """
     )
+    vram_project.write("def test_elsewhere():\n    pass\n", name="test_second")
     result = vram_project.run()
-    assert_usage_error(
-        result,
-        PREFIX + "gb=0 must be > 0 (GiB)",
-        "ERROR: test_mem.py::test_b: @pytest.mark.vram_budget: seq=0 must be >= 1",
+    text = output(result)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, text
+    result.assert_outcomes(errors=2, passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at setup of test_a _*",
+            PREFIX + "gb=0 must be > 0 (GiB)",
+            "*_ ERROR at setup of test_b _*",
+            "test_mem.py::test_b: @pytest.mark.vram_budget: seq=0 must be >= 1",
+        ]
     )
+
+
+def test_a_deselected_bad_marker_does_not_fail(vram_project) -> None:
+    vram_project.write(marked("gbb=1"))
+    result = vram_project.run("-k", "test_other")
+    assert result.ret == pytest.ExitCode.OK, output(result)
+    result.assert_outcomes(passed=1, deselected=1)
+
+
+def test_a_case_the_fake_meter_cannot_trace_fails_only_its_test(vram_project) -> None:
+    vram_project.write(marked('gb=1, device="fake", model="tiny-qwen2-vl"', body="vram.step()"))
+    result = vram_project.run()
+    assert_marker_error(
+        result, PREFIX + "tiny-qwen2-vl is not supported on the fake meter: Qwen2-VL places *"
+    )
+
+
+def test_unit_strings_size_budget_and_capacity(vram_project) -> None:
+    vram_project.write(marked(f'gb="512MiB", {SMALL}', body='vram.step(capacity_gb="1KiB")'))
+    result = vram_project.run("--vram-update")
+    result.assert_outcomes(failed=1, passed=1)
+    text = output(result)
+    # under the 512 MiB budget, over the 1 KiB capacity
+    assert "exceeds budget" not in text, text
+    result.stdout.re_match_lines(
+        [r"^out of memory predicted: peak [\d.]+ MiB exceeds the device's 1\.000 KiB by [\d.]+ MiB"]
+    )
+    recorded = vram_project.baseline()["entries"]["test_a"]
+    assert list(recorded) == [LABEL]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +159,19 @@ def test_every_bad_marker_is_reported_at_once(vram_project) -> None:
         ("vram.step(batch=0)", "vram.step: batch=0 must be >= 1"),
         ("vram.step(seq=-5)", "vram.step: seq=-5 must be >= 1"),
         ("vram.step(colour='red')", "vram.step: unknown step argument 'colour'; known: model, *"),
+        (
+            "vram.step(bacth=2)",
+            "vram.step: unknown step argument 'bacth'; did you mean batch? known: model, *",
+        ),
+        (
+            "vram.step(capcity_gb=24)",
+            "vram.step: unknown step argument 'capcity_gb'; did you mean capacity_gb? known: *",
+        ),
+        ("vram.step(capacity_gb='24GB')", "vram.step: capacity_gb='24GB': GB is ambiguous *"),
+        (
+            "vram.step(zero=0, offload='optimizer')",
+            "vram.step: offload='optimizer' needs zero=1, 2 or 3; got zero=0 (ZeRO-0 does not *",
+        ),
         (
             "vram.step(method_options={'rank': 8})",
             "vram.step: method_options: full has no option 'rank'; its options: none",
@@ -140,12 +214,21 @@ def test_bad_step_message_is_shown_once(vram_project) -> None:
 @pytest.mark.parametrize(
     ("args", "ini", "message"),
     [
+        (["--vram-tolerance=-1"], {}, "ERROR: --vram-tolerance='-1' must be >= 0 (0.05 is 5%)"),
         (
-            ["--vram-tolerance=-1"],
+            ["--vram-tolerance=abc"],
             {},
-            "ERROR: --vram-tolerance='-1' must be a number >= 0 (0.05 is 5%)",
+            "ERROR: --vram-tolerance='abc' is not a number: write a fraction (0.05) or a "
+            "percentage ('5%')",
         ),
-        (["--vram-tolerance=abc"], {}, "ERROR: --vram-tolerance='abc' is not a number"),
+        # was silently 500%
+        (
+            ["--vram-tolerance", "5"],
+            {},
+            "ERROR: --vram-tolerance='5' is more than 1: write a fraction of 1 or less (0.05) "
+            "or a percentage ('5%')",
+        ),
+        (["--vram-tolerance=150%"], {}, "ERROR: --vram-tolerance='150%' must be 100% or less"),
         (["--vram-timeout=0"], {}, "ERROR: --vram-timeout='0' must be a number of seconds > 0"),
         (["--vram-device=tpu"], {}, "ERROR: --vram-device='tpu'; choose one of: host, cuda, fake"),
         (
@@ -157,7 +240,13 @@ def test_bad_step_message_is_shown_once(vram_project) -> None:
         (
             [],
             {"vram_tolerance": "abc"},
-            "ERROR: ini vram_tolerance = 'abc': --vram-tolerance='abc' is not a number",
+            "ERROR: ini vram_tolerance = 'abc': --vram-tolerance='abc' is not a number: *",
+        ),
+        (
+            [],
+            {"vram_tolerance": "5"},
+            "ERROR: ini vram_tolerance = '5': --vram-tolerance='5' is more than 1: write a "
+            "fraction of 1 or less (0.05) or a percentage ('5%')",
         ),
         (
             [],
@@ -206,17 +295,29 @@ def test_gpu_without_gpu_is_a_usage_error(vram_project) -> None:
     assert "run without --gpu to measure on the host meter" in output(result)
 
 
-def test_incompatible_method_and_optimizer_in_the_marker_fail_at_collection(pytester) -> None:
-    pytester.makepyfile(
-        """
-        import pytest
+def test_incompatible_method_and_optimizer_in_the_marker_fail_that_test(vram_project) -> None:
+    vram_project.write(
+        marked('gb=1, model="tiny-llama", method="lora", optimizer="galore-adamw"', "vram.step()")
+    )
+    assert_marker_error(vram_project.run(), PREFIX + "lora with galore-adamw: *")
 
-        @pytest.mark.vram_budget(gb=1, model="tiny-llama", method="lora", optimizer="galore-adamw")
-        def test_a(vram):
-            vram.step()
+
+@pytest.mark.parametrize(
+    ("args", "ini"),
+    [
+        (["--vram-tolerance=2%"], {}),
+        (["--vram-tolerance", "0.02"], {}),
+        ([], {"vram_tolerance": "2%"}),
+    ],
+)
+def test_tolerance_option_takes_a_fraction_or_a_percentage(vram_project, args, ini) -> None:
+    vram_project.ini(**ini)
+    vram_project.write(
+        """
+        def test_tolerance(request):
+            from pytest_vram.plugin import SESSION
+
+            assert request.config.stash[SESSION].settings.tolerance == 0.02
         """
     )
-    result = pytester.runpytest("-p", "no:cacheprovider")
-    assert_usage_error(
-        result, "ERROR: test_*.py::test_a: @pytest.mark.vram_budget: lora with galore-adamw: *"
-    )
+    vram_project.run(*args).assert_outcomes(passed=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from conftest import GIB, LABEL, SMALL, output
+from pytest_vram.units import format_bytes, format_pair
 
 ONE_TEST = f"""
     import pytest
@@ -69,9 +70,11 @@ def test_over_budget_fails_with_reason_and_breakdown(vram_project) -> None:
     result.assert_outcomes(failed=1)
     peak = vram_project.entry("test_a")["peak_bytes"]
     over = f"{peak / (int(0.001 * GIB)) - 1:+.1%}"
+    shown = format_pair(peak, int(0.001 * GIB))
+    assert shown[1] == "1.024 MiB"
     result.stdout.re_match_lines(
         [
-            rf"^peak {gib3(peak)} GiB exceeds budget 0\.001 GiB \({re.escape(over)}\) {TAG}$",
+            rf"^peak {re.escape(shown[0])} exceeds budget 1\.024 MiB \({re.escape(over)}\) {TAG}$",
             rf"^-+ vram {re.escape(LABEL)} -+$",
             rf"^{re.escape(LABEL)}  \(meter host, device host-cpu\)$",
             r"^  parameters\s+[\d.]+ GiB\s+[\d,]+ B$",
@@ -88,7 +91,7 @@ def test_over_budget_fails_with_reason_and_breakdown(vram_project) -> None:
     )
     # the baseline is there, so the only reason is the budget
     assert "no baseline" not in output(result)
-    result.stdout.fnmatch_lines(["FAILED test_mem.py::test_a - peak * GiB exceeds budget*"])
+    result.stdout.fnmatch_lines(["FAILED test_mem.py::test_a - peak * MiB exceeds budget*"])
 
 
 def test_drift_up_beyond_tolerance_fails(vram_project) -> None:
@@ -98,11 +101,12 @@ def test_drift_up_beyond_tolerance_fails(vram_project) -> None:
     result = vram_project.run()
     result.assert_outcomes(failed=1)
     drift = f"{peak / base - 1:+.1%}"
-    delta = f"{(peak - base) / GIB:+.3f}"
+    delta = format_bytes(peak - base, sign=True)
+    shown_peak, shown_base = (re.escape(text) for text in format_pair(peak, base))
     result.stdout.re_match_lines(
         [
-            rf"^peak {gib3(peak)} GiB is {re.escape(drift)} \({re.escape(delta)} GiB\) "
-            rf"from baseline {gib3(base)} GiB, beyond tolerance 5\.0% {TAG}; "
+            rf"^peak {shown_peak} is {re.escape(drift)} \({re.escape(delta)}\) "
+            rf"from baseline {shown_base}, beyond tolerance 5\.0% {TAG}; "
             r"no library version changed since the baseline$"
         ]
     )
@@ -128,7 +132,7 @@ def test_drift_down_is_a_note_but_fails_when_strict(vram_project) -> None:
     vram_project.record_then_check(ONE_TEST)
     vram_project.edit_entry("test_a", peak_factor=1.5)
     line = (
-        r"peak [\d.]+ GiB is -33\.3% \(-[\d.]+ GiB\) from baseline [\d.]+ GiB, "
+        r"peak [\d.]+ MiB is -33\.3% \(-[\d.]+ MiB\) from baseline [\d.]+ MiB, "
         r"beyond tolerance 5\.0% "
         rf"{TAG}; no library version changed since the baseline; tighten the baseline with: "
         r"pytest-vram refresh 'test_mem\.py::test_a'$"

@@ -70,7 +70,21 @@ def test_option_order_does_not_change_the_spec() -> None:
         ({"model": "tiny-llama", "batch": 2.5}, "batch=2.5 must be an integer"),
         ({"model": "tiny-llama", "grad_ckpt": "yes"}, "grad_ckpt='yes' must be True or False"),
         ({"model": "tiny-llama", "seed": -1}, "seed=-1 must be an integer >= 0"),
-        ({"model": "tiny-llama", "rank": 8}, "unknown step argument 'rank'"),
+        # a LoRA option, not a misspelt ranks=
+        (
+            {"model": "tiny-llama", "rank": 8},
+            "unknown step argument 'rank'; an option: write method_options={'rank': ...} "
+            "(lora, dora, pissa, ...) or optimizer_options={'rank': ...} (galore-adamw, ",
+        ),
+        (
+            {"model": "tiny-llama", "bacth": 2},
+            "unknown step argument 'bacth'; did you mean batch? known: model, method, ",
+        ),
+        ({"model": "tiny-llama", "colour": 1}, "unknown step argument 'colour'; known: model, "),
+        # not a name: refused, not hashed (a TypeError before)
+        ({"model": ["tiny-llama"]}, "unknown model ['tiny-llama']; known: "),
+        ({"model": "tiny-llama", "method": {"lora": 1}}, "unknown method {'lora': 1}; known: "),
+        ({"model": "tiny-llama", "zero": 1.0}, "zero=1.0 must be one of 0, 1, 2, 3"),
         ({"method": "lora"}, "model is required"),
         (
             {"model": "tiny-llama", "method": "lora", "method_options": {"r": 8}},
@@ -83,6 +97,15 @@ def test_option_order_does_not_change_the_spec() -> None:
         (
             {"model": "tiny-llama", "method_options": {"rank": 8}},
             "full has no option 'rank'; its options: none",
+        ),
+        # keys that do not sort together, pairs that are not pairs (TypeError, ValueError before)
+        (
+            {"model": "tiny-llama", "method": "lora", "method_options": {1: 2, "rank": 8}},
+            "method_options: lora has no option 1; its options: alpha, dropout, rank, targets",
+        ),
+        (
+            {"model": "tiny-llama", "method_options": ((1, 2, 3),)},
+            "method_options=((1, 2, 3),) must be a mapping of option name to value",
         ),
     ],
 )
@@ -116,3 +139,50 @@ def test_attention_is_validated_and_labelled_when_not_sdpa() -> None:
     assert StepSpec.from_json(spec.to_json()) == spec
     with pytest.raises(SpecError, match="unknown attention 'flash'; known: eager, sdpa"):
         StepSpec(model="tiny-llama", attention="flash")
+
+
+@pytest.mark.parametrize(
+    ("offload", "zero", "message"),
+    [
+        (
+            "optimizer",
+            None,
+            "offload='optimizer' needs zero=1, 2 or 3; got zero=None (no DeepSpeed)",
+        ),
+        (
+            "optimizer",
+            0,
+            "offload='optimizer' needs zero=1, 2 or 3; got zero=0 "
+            "(ZeRO-0 does not partition the optimizer state)",
+        ),
+        ("param", None, "offload='param' needs zero=3; got zero=None (no DeepSpeed)"),
+        ("both", None, "offload='both' needs zero=3; got zero=None (no DeepSpeed)"),
+        (
+            "param",
+            1,
+            "offload='param' needs zero=3; got zero=1 (only ZeRO-3 partitions parameters)",
+        ),
+        ("both", 2, "offload='both' needs zero=3; got zero=2 (only ZeRO-3 partitions parameters)"),
+    ],
+)
+def test_offload_names_the_zero_stages_that_work(
+    offload: str, zero: int | None, message: str
+) -> None:
+    """The first message already gives the stages that work: none asks for a second try."""
+    with pytest.raises(SpecError) as info:
+        StepSpec(model="tiny-llama", offload=offload, zero=zero)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("offload", "zero"),
+    [("optimizer", 1), ("optimizer", 2), ("optimizer", 3), ("param", 3), ("both", 3)],
+)
+def test_offload_with_a_stage_that_works_is_a_spec(offload: str, zero: int) -> None:
+    assert StepSpec(model="tiny-llama", offload=offload, zero=zero).zero == zero
+
+
+def test_ranks_without_zero_names_the_stages() -> None:
+    with pytest.raises(SpecError) as info:
+        StepSpec(model="tiny-llama", ranks=2)
+    assert str(info.value) == "ranks=2 needs zero=0, 1, 2 or 3; got zero=None (no DeepSpeed)"

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
-from pytest_vram.spec import StepSpec
+from pytest_vram.spec import SpecError, StepSpec
 
 if TYPE_CHECKING:
     import torch
@@ -150,22 +150,9 @@ class MemoryResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MemoryResult:
-        data = dict(data)
-        schema = data.pop("schema", SCHEMA)
-        if schema != SCHEMA:
-            raise ValueError(f"result schema {schema!r} is not {SCHEMA}")
-        spec = data.pop("spec", None)
-        return cls(
-            spec=StepSpec.from_dict(spec) if spec else None,
-            breakdown=Breakdown(**data.pop("breakdown")),
-            step_peak_bytes=tuple(data.pop("step_peak_bytes")),
-            versions=dict(data.pop("versions", {})),
-            environment=dict(data.pop("environment", {})),
-            param_dtype_bytes=dict(data.pop("param_dtype_bytes", {})),
-            notes=tuple(data.pop("notes", ())),
-            ranks=tuple(cls.from_dict(r) for r in data.pop("ranks", ())),
-            **data,
-        )
+        """A result from its ``to_dict`` form, every key checked: a ValueError names the key,
+        the value and what would be accepted (baseline files are edited by hand and merged)."""
+        return _from_dict(data, "")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -173,3 +160,119 @@ class MemoryResult:
     @classmethod
     def from_json(cls, text: str) -> MemoryResult:
         return cls.from_dict(json.loads(text))
+
+
+# -- reading a result back: every key of to_dict, checked -------------------------------------
+
+_REQUIRED: Final = ("label", "meter", "device", "peak_bytes", "step_peak_bytes", "breakdown")
+_COUNTS: Final = ("peak_bytes", "host_offload_bytes", "trainable_params", "total_params")
+_OPTIONAL_COUNTS: Final = ("reserved_bytes", "allocated_bytes", "nvml_bytes")
+_KEYS: Final = frozenset(f.name for f in dataclasses.fields(MemoryResult)) | {"schema"}
+_TERMS: Final = tuple(f.name for f in dataclasses.fields(Breakdown))
+_COUNT: Final = "an integer >= 0 (a JSON number, no quotes)"
+
+
+def _bad(key: str, value: object, accepted: str) -> ValueError:
+    shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:77]}..."
+    kind = type(value).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return ValueError(f"{key}={shown} ({article} {kind}) is not accepted; expected {accepted}")
+
+
+def _count(key: str, value: object) -> int:
+    # bool is an int to Python, never to a baseline
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(key, value, _COUNT)
+    return value
+
+
+def _text(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _bad(key, value, "a string")
+    return value
+
+
+def _object(key: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _bad(key, value, "an object")
+    return value
+
+
+def _items(key: str, value: object) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise _bad(key, value, "a list")
+    return list(value)
+
+
+def _text_map(key: str, value: object) -> dict[str, str]:
+    return {k: _text(f"{key}[{k!r}]", v) for k, v in _object(key, value).items()}
+
+
+def _from_dict(data: Mapping[str, Any], where: str) -> MemoryResult:
+    """``where``: the key path of a rank's result (``ranks[1].``), for the messages."""
+    if not isinstance(data, Mapping):
+        raise _bad(where.rstrip(".") or "result", data, "an object")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"missing key {where}{missing[0]}; a result needs {', '.join(_REQUIRED)}")
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {where}{unknown[0]}; known keys: {', '.join(sorted(_KEYS))}")
+    schema = data.get("schema", SCHEMA)  # results from before the key existed are schema 1
+    if type(schema) is not int or schema != SCHEMA:
+        raise ValueError(
+            f"{where}schema: result schema {schema!r} is not {SCHEMA}; expected {SCHEMA}, the "
+            "only result schema this pytest-vram reads (written by another version?)"
+        )
+    breakdown = _object(f"{where}breakdown", data["breakdown"])
+    for term in breakdown:
+        if term not in _TERMS:
+            raise ValueError(f"unknown key {where}breakdown.{term}; terms: {', '.join(_TERMS)}")
+    spec = data.get("spec")
+    if spec is not None:
+        try:
+            parsed_spec: StepSpec | None = StepSpec.from_dict(_object(f"{where}spec", spec))
+        except SpecError as exc:
+            raise ValueError(f"{where}spec: {exc}") from None
+    else:
+        parsed_spec = None
+    source = _text(f"{where}peak_source", data.get("peak_source", "storage"))
+    if source not in ("storage", *PEAK_SOURCES):
+        raise _bad(f"{where}peak_source", source, ", ".join(("storage", *PEAK_SOURCES)))
+    zero = data.get("zero_config")
+    snapshot = data.get("snapshot_path")
+    dtypes = _object(f"{where}param_dtype_bytes", data.get("param_dtype_bytes", {}))
+    counts: dict[str, Any] = {k: _count(f"{where}{k}", data[k]) for k in _COUNTS if k in data}
+    for k in _OPTIONAL_COUNTS:
+        if data.get(k) is not None:
+            counts[k] = _count(f"{where}{k}", data[k])
+    return MemoryResult(
+        label=_text(f"{where}label", data["label"]),
+        meter=_text(f"{where}meter", data["meter"]),
+        device=_text(f"{where}device", data["device"]),
+        step_peak_bytes=tuple(
+            _count(f"{where}step_peak_bytes[{i}]", v)
+            for i, v in enumerate(_items(f"{where}step_peak_bytes", data["step_peak_bytes"]))
+        ),
+        breakdown=Breakdown(
+            **{t: _count(f"{where}breakdown.{t}", v) for t, v in breakdown.items()}
+        ),
+        spec=parsed_spec,
+        peak_source=source,
+        zero_config=None if zero is None else _object(f"{where}zero_config", zero),
+        snapshot_path=None if snapshot is None else _text(f"{where}snapshot_path", snapshot),
+        param_dtype_bytes={
+            k: _count(f"{where}param_dtype_bytes[{k!r}]", v) for k, v in dtypes.items()
+        },
+        versions=_text_map(f"{where}versions", data.get("versions", {})),
+        environment=_text_map(f"{where}environment", data.get("environment", {})),
+        notes=tuple(
+            _text(f"{where}notes[{i}]", n)
+            for i, n in enumerate(_items(f"{where}notes", data.get("notes", ())))
+        ),
+        ranks=tuple(
+            _from_dict(r, f"{where}ranks[{i}].")
+            for i, r in enumerate(_items(f"{where}ranks", data.get("ranks", ())))
+        ),
+        **counts,
+    )

@@ -60,7 +60,7 @@ class _Quantized(Method):
             return self.build_fake(spec, dtype, device)
         auto = zoo.auto_class(spec.model)  # the class build_model used: the same model returns
         with tempfile.TemporaryDirectory(prefix="pytest-vram-") as folder:
-            source = zoo.build_model(spec.model, torch.bfloat16, "cpu")
+            source = zoo.build_model(spec.model, torch.bfloat16, "cpu", spec.attention)
             # Not save_pretrained: under torch.distributed (ZeRO ranks) it writes on rank 0
             # only, and each rank loads from its own folder.
             source.config.save_pretrained(folder)
@@ -71,6 +71,8 @@ class _Quantized(Method):
                 quantization_config=self.quantization_config(spec),
                 device_map=device,
                 dtype=dtype,
+                # Not in the saved config: without it transformers picks sdpa where it can.
+                attn_implementation=spec.attention,
             )
         return model
 

@@ -1,0 +1,119 @@
+"""The ``vram`` fixture: runs a test's cases in the isolated worker and keeps their results.
+
+It runs in the pytest process (torch-free); the session object judges what it kept.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final, final
+
+import pytest
+
+from pytest_vram import gpus, invariants
+from pytest_vram.marker import MarkerArgs, check_capacity, check_device, check_step_names
+from pytest_vram.meters.base import MemoryResult
+from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.worker import CaseFailure, Job
+
+if TYPE_CHECKING:
+    from pytest_vram.session import VramSession
+
+__all__ = ["CAPACITIES", "MARKER_ARGS", "MARKER_ERROR", "RESULTS", "Recorder"]
+
+MARKER_ARGS: Final = pytest.StashKey[MarkerArgs]()
+# Why a test's marker cannot be used: that test fails at setup, the rest of the session runs.
+MARKER_ERROR: Final = pytest.StashKey[str]()
+RESULTS: Final = pytest.StashKey[list[MemoryResult]]()
+# Device memory each result is checked against (capacity_gb), in the order of RESULTS.
+CAPACITIES: Final = pytest.StashKey[list[int | None]]()
+
+
+@final
+class Recorder:
+    """The ``vram`` fixture: runs cases in the isolated worker and keeps their results.
+
+    ``assert_le`` / ``assert_lt`` / ``assert_ordered`` compare results (see ``invariants``).
+    """
+
+    assert_le = staticmethod(invariants.assert_le)
+    assert_lt = staticmethod(invariants.assert_lt)
+    assert_ordered = staticmethod(invariants.assert_ordered)
+
+    def __init__(self, session: VramSession, item: pytest.Item) -> None:
+        self._session = session
+        self._item = item
+        self.results: list[MemoryResult] = item.stash.setdefault(RESULTS, [])
+        self._capacities: list[int | None] = item.stash.setdefault(CAPACITIES, [])
+        args = item.stash.get(MARKER_ARGS, None)
+        self._capacity_bytes = args.capacity_bytes if args else None
+        self._device = args.device if args and args.device else session.settings.device
+
+    def step(
+        self, *, device: str | None = None, capacity_gb: float | None = None, **kwargs: Any
+    ) -> MemoryResult:
+        """One training step of ``StepSpec(**kwargs)``; marker spec arguments are the defaults.
+
+        ``device`` picks the meter for this case ("fake" sizes real models without weights);
+        ``capacity_gb`` is the device memory it must fit in (a peak above it: predicted OOM)."""
+        __tracebackhide__ = True
+        args = self._item.stash.get(MARKER_ARGS, None)
+        merged = {**(args.spec_defaults if args else {}), **kwargs}
+        try:
+            check_step_names(kwargs)
+            meter = check_device(device) if device is not None else self._device
+            capacity = (
+                check_capacity(capacity_gb) if capacity_gb is not None else self._capacity_bytes
+            )
+            spec = StepSpec.from_kwargs(**merged)
+        except SpecError as exc:
+            error = f"vram.step: {exc}"
+        else:
+            devices = self._session.gpu_devices
+            if devices is not None and meter == "cuda":
+                worker = getattr(self._item.config, "workerinput", {}).get("workerid", "master")
+                reason = gpus.skip_reason(spec.ranks, devices, worker)
+                if reason:
+                    pytest.skip(f"{reason} [{spec.label}]")
+            job = self._session.job(meter, spec=spec, imports=self._imports())
+            return self._run(job, capacity)
+        pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
+
+    def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
+        """Run an importable function in the isolated child under the meter."""
+        __tracebackhide__ = True
+        job = self._session.job(
+            self._device, fn=fn, args=args, kwargs=kwargs, imports=self._imports()
+        )
+        try:
+            job.check_picklable()
+        except SpecError as exc:
+            error = str(exc)
+        else:
+            return self._run(job, self._capacity_bytes)
+        pytest.fail(error, pytrace=False)
+
+    def _imports(self) -> tuple[str, ...]:
+        from pytest_vram.methods import extension_modules
+
+        return self._session.settings.imports + extension_modules()
+
+    def _run(self, job: Job, capacity_bytes: int | None) -> MemoryResult:
+        __tracebackhide__ = True
+        # A spec measured once in a session is not measured again (invariant tests share
+        # cases with the cases' own tests); the meters are deterministic or nearly so.
+        key = (job.meter, job.spec.to_json(), job.imports) if job.spec is not None else None
+        cache = self._session.measured
+        out: MemoryResult | CaseFailure | None = cache.get(key) if key else None
+        if out is None:
+            out = self._session.worker.run(job, self._session.settings.timeout_s)
+            if key and isinstance(out, MemoryResult):
+                cache[key] = out
+        if isinstance(out, CaseFailure):
+            if out.kind == "unsupported":  # e.g. a library that calls CUDA, on the host meter
+                pytest.skip(f"{out.reason} [{out.label}]")
+            if out.kind == "spec":
+                pytest.fail(f"vram.step: {out.reason} [{out.label}]", pytrace=False)
+            pytest.fail(out.long_repr(), pytrace=False)
+        self.results.append(out)
+        self._capacities.append(capacity_bytes)
+        return out
