@@ -17,7 +17,8 @@ Three tools, all plain functions:
   server arms itself before its preload (this module is its first import, with
   ``ARM_VARIABLE`` set), so a poisoned fork can say what poisoned it.
 - ``check_fork(where)`` raises ``CudaForkError`` in a process forked after CUDA was initialised,
-  naming the callers ``arm()`` saw.
+  naming the callers ``arm()`` saw; ``disarm()`` then takes the wrappers off in a process that
+  forks no more.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "CudaForkError",
     "arm",
     "check_fork",
+    "disarm",
     "probe_imports",
     "seen",
 ]
@@ -102,6 +104,19 @@ def arm() -> None:
     for name in PROBES:
         _wrap(torch.cuda, name, _remember)
     _armed = True
+
+
+def disarm() -> None:
+    """Put torch.cuda's own probes back: a process that passed ``check_fork`` and forks no
+    more measures its step without a wrapper on every ``current_device()`` call."""
+    global _armed
+    import torch.cuda
+
+    for name in PROBES:
+        probe = getattr(torch.cuda, name)
+        if getattr(probe, "_pytest_vram_probe", False):
+            setattr(torch.cuda, name, probe.__wrapped__)
+    _armed = False
 
 
 def seen() -> tuple[str, ...]:

@@ -162,6 +162,10 @@ def _execute(job: Job) -> MemoryResult:
     # A cuda case that forks ranks imports the user's modules in each rank, after the fork:
     # one that imports DeepSpeed or bitsandbytes would initialise CUDA in the ranks' parent.
     forks = on_gpu and job.spec is not None and job.spec.zero is not None
+    if on_gpu and not forks:
+        from pytest_vram import forksafe
+
+        forksafe.disarm()  # nothing forks from here: the step runs on torch's own probes
     for module in () if forks else job.imports:
         importlib.import_module(module)
 

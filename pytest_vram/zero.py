@@ -294,6 +294,7 @@ def _rank_main(
             from pytest_vram import forksafe
 
             forksafe.check_fork(f"rank {rank} of {spec.ranks}")
+            forksafe.disarm()  # a rank forks nothing: its step runs on torch's own probes
             # Each rank on its own device, chosen before the process group: nccl binds its
             # communicator to the current device, and every .cuda() call lands there.
             torch.cuda.set_device(rank)

@@ -61,6 +61,11 @@ except Exception:
 for _ in range(3):
     torch.cuda.is_available()  # remembered once
 print(repr(forksafe.seen()))
+armed = forksafe.seen()
+forksafe.disarm()
+assert not hasattr(torch.cuda.is_available, "_pytest_vram_probe")
+torch.cuda.device_count()  # not remembered once disarmed
+assert forksafe.seen() == armed, forksafe.seen()
 torch.cuda._is_in_bad_fork = lambda: True
 try:
     forksafe.check_fork("rank 1 of 2")
