@@ -219,9 +219,9 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
                 f"zero={spec.zero} runs DeepSpeed, which is not installed: "
                 "pip install 'pytest-vram[zero]'"
             )
-        from pytest_vram import zero
+        from pytest_vram import ranks
 
-        return zero.run_ranks(spec, meter, _run, rank_imports)
+        return ranks.run_ranks(spec, meter, _run, rank_imports)
     return _run(spec, meter)
 
 

@@ -61,6 +61,7 @@ RANK_PARENT_MODULES: Final = (
     "pytest_vram.meters",
     "pytest_vram.methods",
     "pytest_vram.stages",
+    "pytest_vram.ranks",
     "pytest_vram.zero",
 )
 # Set for the cuda server: is_available()/device_count() ask NVML and leave fork usable.
@@ -141,7 +142,7 @@ class CaseFailure:
 def _execute(job: Job) -> MemoryResult:
     import importlib
 
-    from pytest_vram import zero
+    from pytest_vram import ranks
     from pytest_vram.meters import make_meter
     from pytest_vram.step import measure_fn, run_step
 
@@ -153,7 +154,7 @@ def _execute(job: Job) -> MemoryResult:
         forksafe.check_fork("this case's child process")
     # DeepSpeed picks its accelerator once, at import, from DS_ACCELERATOR: whatever the user
     # exported, the host meter's ranks must get the CPU one and the cuda meter's CUDA.
-    zero.set_accelerator(on_gpu)
+    ranks.set_accelerator(on_gpu)
     for module in preload_modules(job.meter):
         # A host case in the cuda server imports peft here. The libraries are optional extras:
         # a missing one is skipped, as the forkserver skips it.

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pytest_vram import StepSpec, zero
+from pytest_vram import StepSpec, ranks
 from pytest_vram.errors import is_oom
 from pytest_vram.worker import CaseFailure, Job, Worker, _kind
 
@@ -23,7 +23,7 @@ def test_deepspeed_gets_the_meters_accelerator_whatever_was_exported(
 ) -> None:
     # docs/gpu.md showed `DS_ACCELERATOR=cpu pytest-vram build-ops`: exported, it reached GPU ranks.
     monkeypatch.setenv("DS_ACCELERATOR", "cpu" if on_gpu else "cuda")
-    zero.set_accelerator(on_gpu)
+    ranks.set_accelerator(on_gpu)
     assert os.environ["DS_ACCELERATOR"] == expected
 
 
@@ -37,7 +37,7 @@ def test_deepspeed_gets_the_meters_accelerator_whatever_was_exported(
             "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"
         ),
         MemoryError(),
-        zero.rank_error(1, 2, "oom", f"Traceback ...\ntorch.OutOfMemoryError: {CUDA_OOM}"),
+        ranks.rank_error(1, 2, "oom", f"Traceback ...\ntorch.OutOfMemoryError: {CUDA_OOM}"),
     ],
 )
 def test_out_of_memory_errors_are_told_apart(exc: BaseException) -> None:
@@ -45,12 +45,12 @@ def test_out_of_memory_errors_are_told_apart(exc: BaseException) -> None:
 
 
 def test_a_ranks_failure_names_the_rank_and_keeps_its_kind() -> None:
-    oom = zero.rank_error(1, 4, "oom", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory")
-    assert isinstance(oom, zero.RankOutOfMemory)
+    oom = ranks.rank_error(1, 4, "oom", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory")
+    assert isinstance(oom, ranks.RankOutOfMemory)
     first, *rest = str(oom).splitlines()
     assert first == "rank 1 of 4 ran out of memory: torch.OutOfMemoryError: CUDA out of memory"
     assert rest[0] == "Traceback ..."  # the rank's own traceback follows
-    other = zero.rank_error(0, 4, "error", "Traceback ...\nValueError: bad")
+    other = ranks.rank_error(0, 4, "error", "Traceback ...\nValueError: bad")
     assert type(other) is RuntimeError and not is_oom(other) and _kind(other) == "error"
     assert str(other).startswith("rank 0 of 4 failed: ValueError: bad\nTraceback")
 

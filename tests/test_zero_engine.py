@@ -12,7 +12,8 @@ from pytest_vram.spec import SpecError
 
 ds = pytest.importorskip("deepspeed", reason="ZeRO cases need pytest-vram[zero]")
 
-from pytest_vram.zero import combine, ds_config  # noqa: E402
+from pytest_vram.ranks import combine  # noqa: E402
+from pytest_vram.zero import ds_config  # noqa: E402
 
 
 def spec(**kw: object) -> StepSpec:
