@@ -234,6 +234,7 @@ def test_memory_error_under_a_limit_is_out_of_memory(vram_project: VramProject) 
 RANK_DIES = """
 import os
 import signal
+import time
 from pathlib import Path
 
 from deepspeed.runtime.engine import DeepSpeedEngine
@@ -248,6 +249,11 @@ def backward(self, *args, **kwargs):
     rank = os.environ["RANK"]
     (PIDS / f"rank{rank}.pid").write_text(str(os.getpid()))
     if rank == "1":
+        # Rank 0 must be in backward (where its collective waits for rank 1) when rank 1 dies;
+        # dying first would let the case kill rank 0 while it is still in its forward.
+        deadline = time.monotonic() + 60
+        while not (PIDS / "rank0.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
     return _backward(self, *args, **kwargs)
 
