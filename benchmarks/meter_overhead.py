@@ -16,8 +16,9 @@ import time
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_vram import StepSpec
-from pytest_vram.meters.base import Breakdown, Roles, StepMeasure
+from pytest_vram.meters.base import Roles
 from pytest_vram.meters.host import HostMeter
+from pytest_vram.result import Breakdown, StepMeasure
 from pytest_vram.step import run_step
 
 SPECS = (

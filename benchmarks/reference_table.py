@@ -1,7 +1,7 @@
 """Published memory figures beside ours, DeepSpeed's estimator and LLaMA-Factory's table.
 
 Every "ours" is a step traced on the fake meter (``run_step`` under ``FakeMeter``; ZeRO laid out
-per rank by ``zero_sim``), in GiB. Published figures are converted to GiB where their source
+per rank by ``zero.simulation``), in GiB. Published figures are converted to GiB where their source
 counts in 10**9 bytes (the PEFT explainer article's QLoRA arithmetic); the LOMO paper's GB are
 GiB (its columns are reproduced to the digit in GiB), and LLaMA-Factory users' 8-GPU
 measurements (Juejin article, 2025) are nvidia-smi's MiB / 1024.
@@ -26,8 +26,8 @@ import torch  # noqa: F401
 
 from pytest_vram import StepSpec, references
 from pytest_vram.estimate import base_params, deepspeed_figure
-from pytest_vram.meters.base import GIB, MemoryResult
 from pytest_vram.meters.fake import FakeMeter
+from pytest_vram.result import GIB, MemoryResult
 from pytest_vram.step import run_step
 
 _RESULTS: dict[StepSpec, MemoryResult] = {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pytest_vram.meters.base import Breakdown, MemoryResult
-from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.errors import SpecError
+from pytest_vram.result import Breakdown, MemoryResult
+from pytest_vram.spec import StepSpec
 
 __all__ = [
     "Breakdown",

@@ -28,7 +28,7 @@ from typing import Any, Final, final
 
 from filelock import FileLock
 
-from pytest_vram.meters.base import MemoryResult
+from pytest_vram.result import MemoryResult
 
 __all__ = ["BaselineError", "BaselineStore", "Entries", "Invalid", "Merge"]
 

@@ -40,7 +40,7 @@ def refresh(pytest_args: Sequence[str]) -> int:
 
 def build_ops() -> int:
     try:
-        from pytest_vram.ranks import build_ops as build
+        from pytest_vram.zero.ops import build_ops as build
     except ImportError as exc:
         print(f"pytest-vram build-ops: {exc}", file=sys.stderr)
         return 1

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, final
 
-from pytest_vram import references, zoo
-from pytest_vram.meters.base import GIB, MemoryResult, gib
-from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram import errors, references, zoo
+from pytest_vram.errors import SpecError
+from pytest_vram.result import GIB, MemoryResult, gib
+from pytest_vram.spec import StepSpec
 
 __all__ = [
     "DeepSpeedFigure",
@@ -297,13 +298,12 @@ def estimate(
 ) -> Estimate:
     """Trace ``spec`` on the fake meter (its model must be in ``zoo.MODELS``: see zoo_entry);
     ``notes`` go first in the result's notes."""
-    from pytest_vram import methods
     from pytest_vram.meters.fake import FakeMeter
     from pytest_vram.step import run_step
 
     reason = FakeMeter.unsupported(spec)
     if reason:
-        raise methods.Unsupported(reason)
+        raise errors.Unsupported(reason)
     # With zero set, run_step traces the step without DeepSpeed and lays it out per rank.
     result = run_step(spec, FakeMeter())
     if notes:
@@ -396,7 +396,7 @@ def _estimate(args: argparse.Namespace) -> Estimate:
 
 def _one_line(exc: Exception, model: str) -> str:
     """A refusal's message on one line; else the package whose frame raised, type, first line."""
-    from pytest_vram.methods import Unsupported
+    from pytest_vram.errors import Unsupported
 
     if isinstance(exc, (SpecError, Unsupported)):
         return " ".join(str(exc).split())

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, Final, final
 import pytest
 
 from pytest_vram import gpus, invariants
+from pytest_vram.errors import SpecError
 from pytest_vram.marker import MarkerArgs, check_capacity, check_device, check_step_names
-from pytest_vram.meters.base import MemoryResult
-from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.result import MemoryResult
+from pytest_vram.spec import StepSpec
 from pytest_vram.worker import CaseFailure, Job
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from pytest_vram.meters.base import MemoryResult
+from pytest_vram.result import MemoryResult
 
 __all__ = ["TERMS", "InvariantError", "assert_le", "assert_lt", "assert_ordered", "term_bytes"]
 

@@ -6,7 +6,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, final
 
-from pytest_vram.spec import FIELDS, SpecError, StepSpec, check_field, unknown_name
+from pytest_vram.errors import SpecError
+from pytest_vram.spec import FIELDS, StepSpec, check_field, unknown_name
 from pytest_vram.units import parse_fraction, parse_size
 
 __all__ = [

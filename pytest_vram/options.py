@@ -15,8 +15,8 @@ from typing import Any, Final, final
 
 import pytest
 
+from pytest_vram.errors import SpecError
 from pytest_vram.meters import METERS
-from pytest_vram.spec import SpecError
 from pytest_vram.units import parse_fraction
 
 __all__ = ["Settings", "add_options", "resolve"]
@@ -57,7 +57,7 @@ def _modules(text: str) -> tuple[str, ...]:
 
 
 def _peak_source(text: str) -> str:
-    from pytest_vram.meters.base import PEAK_SOURCES
+    from pytest_vram.result import PEAK_SOURCES
 
     if text not in PEAK_SOURCES:
         raise pytest.UsageError(

@@ -26,7 +26,7 @@ LOGGED: Final[tuple[tuple[str, str], ...]] = (
         "Failed to load CPU gemm_4bit_forward from kernels-community",
     ),
     # DeepSpeed guessing its accelerator on import, where nothing set DS_ACCELERATOR: a case
-    # sets it (ranks.set_accelerator) before DeepSpeed runs; the estimate's estimator functions
+    # sets it (zero.ops.set_accelerator) before DeepSpeed runs; the estimate's estimator functions
     # are arithmetic, the same on any accelerator.
     ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator"),
 )

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, final
 
-from pytest_vram.meters.base import gib
+from pytest_vram.result import gib
 
 __all__ = ["Summary", "write_json"]
 

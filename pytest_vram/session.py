@@ -11,6 +11,7 @@ from typing import Any, Final, final
 import pytest
 
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
+from pytest_vram.errors import SpecError
 from pytest_vram.fixture import CAPACITIES, MARKER_ARGS, MARKER_ERROR, RESULTS
 from pytest_vram.marker import (
     MARKER,
@@ -18,10 +19,10 @@ from pytest_vram.marker import (
     parse_marker,
 )
 from pytest_vram.meters import unsupported
-from pytest_vram.meters.base import GIB, MemoryResult
 from pytest_vram.options import Settings
 from pytest_vram.report import Summary, write_json
-from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.result import GIB, MemoryResult
+from pytest_vram.spec import StepSpec
 from pytest_vram.verdict import Budget, CaseVerdict, judge
 from pytest_vram.worker import Job, Worker
 

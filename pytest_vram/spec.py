@@ -13,6 +13,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
+from pytest_vram import methods, zoo
+from pytest_vram.errors import SpecError
+from pytest_vram.methods import OptionValue
+
 __all__ = [
     "ATTENTIONS",
     "OFFLOADS",
@@ -43,12 +47,7 @@ OFFLOAD_STAGES: Final = {
     "both": ((3,), _NO_PARAMS),
 }
 
-OptionValue = int | float | str | bool | tuple[str, ...]
 Options = tuple[tuple[str, OptionValue], ...]
-
-
-class SpecError(ValueError):
-    """A spec argument has a bad value; the message names the argument and the value."""
 
 
 def _known(kind: str, value: object, known: Mapping[str, object] | tuple[str, ...]) -> SpecError:
@@ -72,8 +71,6 @@ def unknown_name(what: str, name: str, known: Sequence[str]) -> SpecError:
 
 
 def _option_hint(name: str) -> str | None:
-    from pytest_vram import methods
-
     places = []
     for field, registry in (
         ("method_options", methods.METHODS),
@@ -138,8 +135,6 @@ def _coerce(val: object, default: OptionValue) -> OptionValue | None:
 
 def check_field(name: str, value: object) -> object:
     """Validate one spec field on its own (marker arguments at collection); return it normalised."""
-    from pytest_vram import methods, zoo
-
     if name == "model":
         if not _is_one_of(value, zoo.MODELS):
             raise _known("model", value, zoo.MODELS)
@@ -209,8 +204,6 @@ class StepSpec:
     ranks: int = 1
 
     def __post_init__(self) -> None:
-        from pytest_vram import methods
-
         for field in dataclasses.fields(self):
             if field.name not in ("method_options", "optimizer_options"):
                 check_field(field.name, getattr(self, field.name))
@@ -261,13 +254,9 @@ class StepSpec:
         return cls(**kwargs)
 
     def method_option(self, name: str) -> Any:
-        from pytest_vram import methods
-
         return dict(self.method_options).get(name, methods.METHODS[self.method].options[name])
 
     def optimizer_option(self, name: str) -> Any:
-        from pytest_vram import methods
-
         declared = methods.OPTIMIZERS[self.optimizer].options
         return dict(self.optimizer_options).get(name, declared[name])
 

@@ -16,8 +16,9 @@ from typing import Any, Final
 import torch
 
 from pytest_vram import zoo
+from pytest_vram.errors import SpecError
 from pytest_vram.methods import METHODS
-from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.spec import StepSpec
 
 __all__ = ["STAGES", "Dpo", "Sft"]
 

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pytest_vram import methods, stages
-from pytest_vram.meters.base import MemoryResult, Meter, Roles, StepMeasure
+from pytest_vram import errors, methods, stages
+from pytest_vram.meters.base import Meter, Roles
+from pytest_vram.result import MemoryResult, StepMeasure
 from pytest_vram.spec import StepSpec
 
 if TYPE_CHECKING:
-    from pytest_vram import zero
+    from pytest_vram.zero import engine
 
 __all__ = ["library_versions", "mark_step", "measure_fn", "roles_of", "run_step"]
 
@@ -207,26 +208,26 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
     for part in (method, opt):
         reason = part.unsupported(spec, meter.device)
         if reason:
-            raise methods.Unsupported(reason)
+            raise errors.Unsupported(reason)
     if spec.zero is not None and meter.name == "fake":
         # DeepSpeed does not run under FakeTensorMode: trace without it, lay the state out.
-        from pytest_vram import zero_sim
+        from pytest_vram.zero import simulation
 
-        return zero_sim.simulate(_run(zero_sim.plain(spec), meter, zero_rank=True), spec)
+        return simulation.simulate(_run(simulation.plain(spec), meter, zero_rank=True), spec)
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(
                 f"zero={spec.zero} runs DeepSpeed, which is not installed: "
                 "pip install 'pytest-vram[zero]'"
             )
-        from pytest_vram import ranks
+        from pytest_vram.zero import ranks
 
         return ranks.run_ranks(spec, meter, _run, rank_imports)
     return _run(spec, meter)
 
 
 def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
-    """``zero_rank``: trace the step for ``zero_sim``, with gradients dropped on arrival (it
+    """``zero_rank``: trace the step for ``zero.simulation``, with gradients dropped on arrival (it
     lays gradients and state out per rank itself)."""
     method = methods.METHODS[spec.method]
     opt = methods.OPTIMIZERS[spec.optimizer]
@@ -244,7 +245,7 @@ def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
         model = method.prepare(model, spec)
         model.train()
         optimizer = method.build_optimizer(model, spec, opt)
-        trainer: _Plain | zero.ZeroTrainer
+        trainer: _Plain | engine.ZeroTrainer
         if spec.zero is None:
             trainer = _Plain(
                 model,
@@ -257,9 +258,9 @@ def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
                 keep_grads=not zero_rank,
             )
         else:
-            from pytest_vram import zero
+            from pytest_vram.zero import engine
 
-            trainer = zero.ZeroTrainer(model, optimizer, spec, meter)
+            trainer = engine.ZeroTrainer(model, optimizer, spec, meter)
         stage = stages.STAGES[spec.stage](model, spec, meter.device, trainer.forward)
         for _ in range(spec.steps):
             meter.step_begin()

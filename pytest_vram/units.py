@@ -10,7 +10,7 @@ import math
 import re
 from typing import Final
 
-from pytest_vram.spec import SpecError
+from pytest_vram.errors import SpecError
 
 __all__ = ["BINARY_UNITS", "format_bytes", "format_pair", "parse_fraction", "parse_size"]
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final, Literal, final
 
-from pytest_vram.meters.base import GIB, MemoryResult, gib
+from pytest_vram.result import GIB, MemoryResult, gib
 from pytest_vram.units import format_bytes, format_pair
 
 __all__ = ["Budget", "CaseVerdict", "judge", "versions_changed"]

@@ -23,10 +23,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Final, Literal, final
 
-from pytest_vram.errors import is_oom
+from pytest_vram.errors import SpecError, is_oom
 from pytest_vram.forksafe import ARM_VARIABLE, NVML_CHECK
-from pytest_vram.meters.base import MemoryResult
-from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.result import MemoryResult
+from pytest_vram.spec import StepSpec
 
 __all__ = ["RANK_PARENT_MODULES", "CaseFailure", "Job", "Worker", "preload_modules"]
 
@@ -61,8 +61,8 @@ RANK_PARENT_MODULES: Final = (
     "pytest_vram.meters",
     "pytest_vram.methods",
     "pytest_vram.stages",
-    "pytest_vram.ranks",
-    "pytest_vram.zero",
+    "pytest_vram.zero.ranks",
+    "pytest_vram.zero.engine",
 )
 # Set for the cuda server: is_available()/device_count() ask NVML and leave fork usable.
 _CUDA_SERVER_ENV: Final = {NVML_CHECK: "1", ARM_VARIABLE: "1"}
@@ -142,9 +142,9 @@ class CaseFailure:
 def _execute(job: Job) -> MemoryResult:
     import importlib
 
-    from pytest_vram import ranks
     from pytest_vram.meters import make_meter
     from pytest_vram.step import measure_fn, run_step
+    from pytest_vram.zero import ops
 
     on_gpu = job.meter == "cuda"
     if on_gpu:
@@ -154,7 +154,7 @@ def _execute(job: Job) -> MemoryResult:
         forksafe.check_fork("this case's child process")
     # DeepSpeed picks its accelerator once, at import, from DS_ACCELERATOR: whatever the user
     # exported, the host meter's ranks must get the CPU one and the cuda meter's CUDA.
-    ranks.set_accelerator(on_gpu)
+    ops.set_accelerator(on_gpu)
     for module in preload_modules(job.meter):
         # A host case in the cuda server imports peft here. The libraries are optional extras:
         # a missing one is skipped, as the forkserver skips it.
@@ -178,7 +178,7 @@ def _execute(job: Job) -> MemoryResult:
 
 
 def _kind(exc: BaseException) -> FailureKind:
-    from pytest_vram.methods import Unsupported
+    from pytest_vram.errors import Unsupported
 
     if is_oom(exc):
         return "oom"

@@ -299,7 +299,7 @@ def build_model(
     does not have is a ``SpecError`` naming the one to use."""
     import torch
 
-    from pytest_vram.spec import SpecError
+    from pytest_vram.errors import SpecError
 
     refusal = attention_refusal(name, attention)
     if refusal:

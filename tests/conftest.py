@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_vram.meters.base import MemoryResult
+    from pytest_vram.result import MemoryResult
     from pytest_vram.spec import StepSpec
 
 # Imported here, outside any pytester run: pytester restores sys.modules after each in-process

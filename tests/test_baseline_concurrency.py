@@ -97,7 +97,7 @@ WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from pytest_vram.baselines import BaselineStore
-    from pytest_vram.meters.base import Breakdown, MemoryResult
+    from pytest_vram.result import Breakdown, MemoryResult
 
     root, go, who, count = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     result = MemoryResult("case", "host", "host-cpu", 1, (1,), Breakdown(activation_bytes=1))

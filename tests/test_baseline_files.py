@@ -19,7 +19,7 @@ import pytest
 
 from conftest import LABEL, SMALL, output
 from pytest_vram.baselines import BaselineError, BaselineStore, Invalid
-from pytest_vram.meters.base import Breakdown, MemoryResult
+from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.spec import StepSpec
 
 SPEC = StepSpec(model="tiny-llama", batch=1, seq=32)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import FakeCuda
 from pytest_vram import StepSpec
-from pytest_vram.meters.base import MemoryResult, Roles, StepMeasure
+from pytest_vram.meters.base import Roles
 from pytest_vram.meters.cuda import (
     PEAK_SOURCES,
     CudaMeter,
@@ -24,6 +24,7 @@ from pytest_vram.meters.cuda import (
     storage_bytes,
 )
 from pytest_vram.meters.nvml import nvml_unavailable
+from pytest_vram.result import MemoryResult, StepMeasure
 from pytest_vram.step import run_step
 
 MIB = 2**20

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import GIB, FakeCuda, FakeNvml
-from pytest_vram.meters.base import Roles, StepMeasure
+from pytest_vram.meters.base import Roles
 from pytest_vram.meters.cuda import CudaMeter
+from pytest_vram.result import StepMeasure
 
 NO_ROLES = Roles(params=[], buffers=[], grads=[], optimizer=[])
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_vram import StepSpec, meters, methods, zoo
+from pytest_vram import StepSpec, errors, meters, methods, zoo
 from pytest_vram.meters import make_meter
 from pytest_vram.meters.fake import FakeMeter
 from pytest_vram.meters.host import HostMeter
@@ -75,7 +75,7 @@ def test_what_needs_values_is_unsupported(extra: dict[str, Any], culprit: str) -
     """Refused up front by ``unsupported`` (for collection), and at run time by name."""
     spec = StepSpec(**{**SMALL, **extra})
     assert "is not supported on the fake meter" in (FakeMeter.unsupported(spec) or "")
-    with pytest.raises(methods.Unsupported, match="is not supported on the fake meter") as info:
+    with pytest.raises(errors.Unsupported, match="is not supported on the fake meter") as info:
         run_step(spec, FakeMeter())
     assert culprit in str(info.value)
 

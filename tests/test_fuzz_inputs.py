@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_vram.errors import SpecError
 from pytest_vram.marker import (
     STEP_OWN,
     check_capacity,
@@ -19,7 +20,7 @@ from pytest_vram.marker import (
     parse_marker,
 )
 from pytest_vram.options import OPTIONS
-from pytest_vram.spec import FIELDS, SpecError, StepSpec
+from pytest_vram.spec import FIELDS, StepSpec
 from pytest_vram.units import MAX_BYTES, format_bytes, format_pair, parse_fraction, parse_size
 
 FUZZ = settings(max_examples=200, deadline=None)

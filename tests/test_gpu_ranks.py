@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from pytest_vram import StepSpec, ranks
+from pytest_vram import StepSpec
 from pytest_vram.errors import is_oom
 from pytest_vram.worker import CaseFailure, Job, Worker, _kind
+from pytest_vram.zero import ops, ranks
 
 CUDA_OOM = (
     "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 1 has a total capacity of 79.19 GiB"
@@ -23,7 +24,7 @@ def test_deepspeed_gets_the_meters_accelerator_whatever_was_exported(
 ) -> None:
     # docs/gpu.md showed `DS_ACCELERATOR=cpu pytest-vram build-ops`: exported, it reached GPU ranks.
     monkeypatch.setenv("DS_ACCELERATOR", "cpu" if on_gpu else "cuda")
-    ranks.set_accelerator(on_gpu)
+    ops.set_accelerator(on_gpu)
     assert os.environ["DS_ACCELERATOR"] == expected
 
 

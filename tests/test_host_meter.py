@@ -20,8 +20,9 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 import pytest_vram
 from pytest_vram import methods, zoo
-from pytest_vram.meters.base import MemoryResult, Roles
+from pytest_vram.meters.base import Roles
 from pytest_vram.meters.host import HostMeter
+from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
 from pytest_vram.step import measure_fn, run_step
 from pytest_vram.worker import Job, Worker

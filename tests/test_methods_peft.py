@@ -19,8 +19,10 @@ import torch
 
 import pytest_vram
 from pytest_vram import methods
-from pytest_vram.meters.base import MemoryResult
-from pytest_vram.spec import OptionValue, SpecError, StepSpec
+from pytest_vram.errors import SpecError
+from pytest_vram.methods import OptionValue
+from pytest_vram.result import MemoryResult
+from pytest_vram.spec import StepSpec
 from pytest_vram.step import _checkpointing_enable
 
 LORA_LIKE = ("lora", "dora", "pissa", "rslora", "lora+")

@@ -22,9 +22,10 @@ import torch
 
 import pytest_vram
 from pytest_vram import zoo
-from pytest_vram.meters.base import MemoryResult
-from pytest_vram.methods import METHODS, OPTIMIZERS, Unsupported, optim_extra
-from pytest_vram.spec import SpecError, StepSpec
+from pytest_vram.errors import SpecError, Unsupported
+from pytest_vram.methods import METHODS, OPTIMIZERS, optim_extra
+from pytest_vram.result import MemoryResult
+from pytest_vram.spec import StepSpec
 
 for _library in ("bitsandbytes", "galore_torch", "badam", "lomo_optim"):
     pytest.importorskip(_library)  # optional: none of them is a pytest-vram dependency

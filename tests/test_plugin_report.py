@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import LABEL, SMALL, output
-from pytest_vram.meters.base import Breakdown, MemoryResult
+from pytest_vram.result import Breakdown, MemoryResult
 
 TESTS = f"""
 import pytest

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pytest_vram import StepSpec
-from pytest_vram.spec import SpecError
+from pytest_vram.errors import SpecError
 
 
 def test_defaults_and_label() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_vram.errors import SpecError
 from pytest_vram.marker import parse_marker
-from pytest_vram.meters.base import Breakdown, MemoryResult
-from pytest_vram.spec import SpecError
+from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.units import format_bytes, format_pair, parse_fraction, parse_size
 from pytest_vram.verdict import Budget, judge
 

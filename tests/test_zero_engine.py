@@ -7,13 +7,13 @@ import pytest
 
 from conftest import output
 from pytest_vram import StepSpec
-from pytest_vram.meters.base import Breakdown, MemoryResult
-from pytest_vram.spec import SpecError
+from pytest_vram.errors import SpecError
+from pytest_vram.result import Breakdown, MemoryResult
 
 ds = pytest.importorskip("deepspeed", reason="ZeRO cases need pytest-vram[zero]")
 
-from pytest_vram.ranks import combine  # noqa: E402
-from pytest_vram.zero import ds_config  # noqa: E402
+from pytest_vram.zero.config import ds_config  # noqa: E402
+from pytest_vram.zero.ranks import combine  # noqa: E402
 
 
 def spec(**kw: object) -> StepSpec:

@@ -24,7 +24,7 @@ from typing import Final, final
 
 import torch
 
-from pytest_vram.meters.base import PEAK_SOURCES, Breakdown, Roles, StepMeasure
+from pytest_vram.meters.base import Roles
 from pytest_vram.meters.nvml import (
     NvmlSampler,
     driver_versions,
@@ -32,6 +32,7 @@ from pytest_vram.meters.nvml import (
     mig_mode,
     nvml_unavailable,
 )
+from pytest_vram.result import PEAK_SOURCES, Breakdown, StepMeasure
 
 __all__ = [
     "PEAK_SOURCES",

@@ -43,9 +43,10 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pytest_vram.meters.base import Roles, StepMeasure
+from pytest_vram.errors import Unsupported
+from pytest_vram.meters.base import Roles
 from pytest_vram.meters.host import HostMeter, StorageLedger
-from pytest_vram.methods import Unsupported
+from pytest_vram.result import StepMeasure
 
 if TYPE_CHECKING:
     from pytest_vram.spec import StepSpec

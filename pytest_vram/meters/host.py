@@ -17,7 +17,8 @@ from typing import Any, final
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_vram.meters.base import Breakdown, Roles, StepMeasure
+from pytest_vram.meters.base import Roles
+from pytest_vram.result import Breakdown, StepMeasure
 
 __all__ = ["HostMeter", "StorageLedger"]
 

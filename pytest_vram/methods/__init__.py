@@ -13,8 +13,6 @@ import importlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from pytest_vram.spec import OptionValue
-
 if TYPE_CHECKING:
     import torch
 
@@ -22,10 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METHODS",
+    "OptionValue",
     "OPTIMIZERS",
     "Method",
     "Optimizer",
-    "Unsupported",
     "extension_modules",
     "register",
     "restore",
@@ -36,9 +34,8 @@ __all__ = [
 # Modules whose REGISTER lists are collected, in this order.
 _MODULES: Final = ("full", "freeze", "lora", "peft_methods", "quant", "optim", "optim_extra")
 
-
-class Unsupported(Exception):
-    """This combination cannot run here; the message names the library call that prevents it."""
+# The type of a declared option default, and so of every value StepSpec accepts for it.
+OptionValue = int | float | str | bool | tuple[str, ...]
 
 
 def state_tensors(obj: Any, _depth: int = 0) -> Iterable[torch.Tensor]:

@@ -3,8 +3,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, final
 
-from pytest_vram.methods import Method
-from pytest_vram.spec import OptionValue
+from pytest_vram.methods import Method, OptionValue
 
 if TYPE_CHECKING:
     import torch

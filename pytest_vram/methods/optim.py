@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, final
 
-from pytest_vram.methods import Optimizer
-from pytest_vram.spec import OptionValue
+from pytest_vram.methods import Optimizer, OptionValue
 
 if TYPE_CHECKING:
     import torch

@@ -14,9 +14,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, final
 
 from pytest_vram import zoo
-from pytest_vram.methods import Optimizer, state_tensors
+from pytest_vram.methods import Optimizer, OptionValue, state_tensors
 from pytest_vram.methods.optim import trainable
-from pytest_vram.spec import OptionValue
 
 if TYPE_CHECKING:
     import torch

@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, final
 
-from pytest_vram.methods import Method, Optimizer
+from pytest_vram.methods import Method, Optimizer, OptionValue
 from pytest_vram.methods.lora import Lora, lora_config
-from pytest_vram.spec import OptionValue
 
 if TYPE_CHECKING:
     import torch

@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_vram.methods import Method, Unsupported, state_tensors
+from pytest_vram.errors import Unsupported
+from pytest_vram.methods import Method, OptionValue, state_tensors
 from pytest_vram.methods.lora import lora_config
 from pytest_vram.methods.peft_methods import LORA_OPTIONS
-from pytest_vram.spec import OptionValue
 
 if TYPE_CHECKING:
     import torch

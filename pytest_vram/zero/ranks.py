@@ -1,7 +1,7 @@
-"""ZeRO ranks as processes: DeepSpeed's accelerator and ops, the launch, and the combined result.
+"""ZeRO ranks as processes: the launch, the errors a rank ends with, and the combined result.
 
 Each rank is a process forked from the case's child, with the environment ``torch.distributed``
-reads (RANK, WORLD_SIZE, ...); it runs ``run_step``'s loop with ``zero.ZeroTrainer`` under its
+reads (RANK, WORLD_SIZE, ...); it runs ``run_step``'s loop with ``zero.engine.ZeroTrainer`` under its
 own meter. The case's result is the max over ranks, with every rank's result kept in
 ``MemoryResult.ranks``.
 """
@@ -22,42 +22,21 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pytest_vram.errors import is_oom
-from pytest_vram.meters.base import MemoryResult, Meter
+from pytest_vram.meters.base import Meter
+from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
+from pytest_vram.zero.ops import set_accelerator
 
 __all__ = [
     "RankOutOfMemory",
-    "build_ops",
     "combine",
     "rank_error",
     "run_ranks",
-    "set_accelerator",
 ]
-
-
-def set_accelerator(on_gpu: bool) -> None:
-    """DeepSpeed's accelerator for this process and its ranks, whatever the user exported:
-    DeepSpeed reads DS_ACCELERATOR once, when it is imported, and a GPU rank given the CPU
-    accelerator (or a host rank given CUDA's) would measure the wrong device."""
-    os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
 
 
 class RankOutOfMemory(MemoryError):
     """A rank ran out of memory; the message names the rank and carries its traceback."""
-
-
-def build_ops() -> list[str]:
-    """JIT-build the DeepSpeed ops a ZeRO case loads (on CPU, the shared-memory collectives
-    ``init_distributed`` uses: about 50 s the first time). Builds land in
-    TORCH_EXTENSIONS_DIR and are reused; run this once in CI rather than inside a timed case."""
-    set_accelerator(torch.cuda.is_available())
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    names = ["ShareMemCommBuilder"] if accelerator.device_name() == "cpu" else []
-    for name in names:
-        accelerator.create_op_builder(name).load()
-    return names
 
 
 def _free_port() -> int:

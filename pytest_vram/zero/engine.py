@@ -1,7 +1,7 @@
-"""DeepSpeed ZeRO inside one rank: the config a spec runs with, and the engine as a trainer.
+"""DeepSpeed ZeRO inside one rank: the engine as a trainer.
 
 A rank runs the same ``run_step`` loop as a plain case, with the DeepSpeed engine in place of
-the optimizer, under its own meter; ``ranks`` starts the ranks and combines their results.
+the optimizer, under its own meter; ``zero.ranks`` starts the ranks and combines their results.
 
 On the host meter, what DeepSpeed offloads (the optimizer's fp32 master partitions and state,
 ZeRO-3's parameter partitions, pinned buffers) is tagged as host memory when it is created and
@@ -20,8 +20,9 @@ import torch
 from pytest_vram import methods
 from pytest_vram.meters.base import Meter, Roles
 from pytest_vram.spec import StepSpec
+from pytest_vram.zero.config import ds_config
 
-__all__ = ["ZeroTrainer", "ds_config"]
+__all__ = ["ZeroTrainer"]
 
 # DeepSpeed attributes holding, per stage, the flat model weights and the gradient partitions (deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, 0.16-0.19).
 _PARAM_ATTRS: Final = (
@@ -42,45 +43,6 @@ _GRAD_ATTRS: Final = (
 # communication scratch, sized by the config; they count as temporaries.
 # The fp32 master partitions the client optimizer steps (offloaded with the optimizer).
 _MASTER_ATTRS: Final = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
-_FOREVER: Final = 10**9
-
-
-def ds_config(spec: StepSpec, largest_param_numel: int) -> dict[str, Any]:
-    """The DeepSpeed config for ``spec``. Buckets are sized to the model: DeepSpeed's defaults
-    (5e8 elements) pre-allocate buffers that would dwarf a small model and say nothing about it."""
-    assert spec.zero is not None
-    bucket = max(largest_param_numel, 2**16)
-    zero: dict[str, Any] = {
-        "stage": spec.zero,
-        "reduce_bucket_size": bucket,
-        "allgather_bucket_size": bucket,
-    }
-    if spec.zero == 3:
-        zero.update(
-            stage3_prefetch_bucket_size=bucket,
-            stage3_max_live_parameters=2 * bucket,
-            stage3_max_reuse_distance=2 * bucket,
-            # The default (1e5 elements) keeps every parameter of a tiny model unpartitioned.
-            stage3_param_persistence_threshold=0,
-        )
-    if spec.offload in ("optimizer", "both"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if spec.offload in ("param", "both"):
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": spec.batch,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": zero,
-        # Keep the client torch optimizer under offload (else DeepSpeedCPUAdam replaces it).
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": _FOREVER,
-        "wall_clock_breakdown": False,
-    }
-    if spec.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif spec.precision == "fp16":
-        config["fp16"] = {"enabled": True, "initial_scale_power": 8}
-    return config
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:

@@ -4,7 +4,7 @@ The DeepSpeed engine does not run under FakeTensorMode, so a real-size ZeRO case
 step without DeepSpeed and lays its model state out per rank as DeepSpeed 0.16-0.19 does. With
 Φ parameters, Ψ of them trainable, w bytes per weight (2 for bf16/fp16, 4 for fp32) and N
 ranks, the bytes each rank holds at the peak of a step, as measured on the real engine
-(``suites/test_zero.py`` and ``tests/test_zero_sim.py`` check these on tiny models):
+(``suites/test_zero.py`` and ``tests/test_zero_simulation.py`` check these on tiny models):
 
 =========  ==============  =====================================  ==============================
 stage      parameters      gradients                              optimizer (AdamW)
@@ -23,7 +23,7 @@ Activations come from a trace in which each gradient is dropped as it arrives, s
 the forward and backward's (every rank runs the whole model on its own micro-batch), not an
 unsharded optimizer step's. The step's own peak is the model state plus AdamW's two
 temporaries on the rank's fp32 partition (ZeRO-3: per sub-group); a rank's peak is the larger
-of the two. ``tests/test_zero_sim.py`` compares the peaks with the real engine's.
+of the two. ``tests/test_zero_simulation.py`` compares the peaks with the real engine's.
 
 Not simulated, and said so in the result's notes:
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
-from pytest_vram.meters.base import Breakdown, MemoryResult
+from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.spec import StepSpec
 
 __all__ = ["plain", "simulate"]

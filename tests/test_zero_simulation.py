@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_vram import StepSpec
-from pytest_vram.meters.base import MemoryResult
 from pytest_vram.meters.fake import FakeMeter
+from pytest_vram.result import MemoryResult
 from pytest_vram.step import run_step
 from pytest_vram.worker import Job, Worker
 
@@ -97,8 +97,8 @@ def test_simulated_adapter_layout_matches_the_engine(method: str, zero: int) -> 
 
 
 def test_model_bytes_casts_floating_parameters_and_keeps_packed_ones() -> None:
-    from pytest_vram import zero_sim
-    from pytest_vram.meters.base import Breakdown
+    from pytest_vram.result import Breakdown
+    from pytest_vram.zero import simulation
 
     traced = MemoryResult(
         label="x",
@@ -110,7 +110,7 @@ def test_model_bytes_casts_floating_parameters_and_keeps_packed_ones() -> None:
         total_params=150,
         param_dtype_bytes={"float32": 400, "uint8": 50},  # 100 fp32 parameters, 100 packed
     )
-    assert zero_sim.model_bytes(traced, 2) == 200 + 50
-    assert zero_sim.model_bytes(traced, 4) == 400 + 50
+    assert simulation.model_bytes(traced, 2) == 200 + 50
+    assert simulation.model_bytes(traced, 4) == 400 + 50
     legacy = MemoryResult.from_dict({**traced.to_dict(), "param_dtype_bytes": {}})
-    assert zero_sim.model_bytes(legacy, 2) == 2 * 150  # results from before the field
+    assert simulation.model_bytes(legacy, 2) == 2 * 150  # results from before the field
