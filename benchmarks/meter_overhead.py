@@ -16,7 +16,7 @@ import time
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_vram import StepSpec
-from pytest_vram.meters.base import Roles
+from pytest_vram.meters.base import Meter, Roles
 from pytest_vram.meters.host import HostMeter
 from pytest_vram.result import Breakdown, StepMeasure
 from pytest_vram.step import run_step
@@ -29,7 +29,7 @@ SPECS = (
 )
 
 
-class Unmetered:
+class Unmetered(Meter):
     """Same protocol, reads nothing: what the step costs without a meter."""
 
     name = "none"
@@ -68,9 +68,9 @@ class EmptyDispatch(Unmetered):
         self._mode.__exit__(None, None, None)
 
 
-def seconds(spec: StepSpec, meter: object) -> float:
+def seconds(spec: StepSpec, meter: Meter) -> float:
     start = time.perf_counter()
-    run_step(spec, meter)  # type: ignore[arg-type]
+    run_step(spec, meter)
     return time.perf_counter() - start
 
 

@@ -1,6 +1,6 @@
 """``pytest-vram refresh [pytest args]``: re-record baselines and print what changed.
 ``pytest-vram build-ops``: build the DeepSpeed ops ZeRO cases load, once, before timed cases.
-``pytest-vram estimate MODEL [options]``: trace one step on the fake meter (pytest_vram.estimate)."""
+``pytest-vram estimate MODEL [options]``: trace one step on the fake meter (``estimate_cli``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any, NoReturn
 
 import pytest
 
-from pytest_vram import estimate
+from pytest_vram import estimate_cli
+from pytest_vram.errors import missing_library
 
 __all__ = ["main"]
 
@@ -47,10 +48,8 @@ def build_ops() -> int:
     try:
         names = build()
     except ImportError:
-        print(
-            "pytest-vram build-ops: deepspeed is not installed: pip install 'pytest-vram[zero]'",
-            file=sys.stderr,
-        )
+        missing = missing_library("deepspeed", "'pytest-vram[zero]'")
+        print(f"pytest-vram build-ops: {missing}", file=sys.stderr)
         return 1
     print(f"pytest-vram build-ops: {', '.join(names) or 'nothing to build on this accelerator'}")
     return 0
@@ -71,12 +70,12 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def _estimate(args: Sequence[str]) -> int:
     parser = _OneLineErrors(prog="pytest-vram estimate", description=_ESTIMATE_HELP)
-    estimate.add_arguments(parser)
+    estimate_cli.add_arguments(parser)
     try:
         parsed = parser.parse_args(args)
     except SystemExit as exc:  # a bad argument (2) or --help (0): a status, for main's callers
         return exc.code if isinstance(exc.code, int) else 2
-    return estimate.command(parsed)
+    return estimate_cli.command(parsed)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -101,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         "build-ops",
         help="build the DeepSpeed ops ZeRO cases load (cached in TORCH_EXTENSIONS_DIR)",
     )
-    estimate.add_arguments(sub.add_parser("estimate", help=_ESTIMATE_HELP))
+    estimate_cli.add_arguments(sub.add_parser("estimate", help=_ESTIMATE_HELP))
     parser.parse_args(args)  # the commands only reach here for help, or with a bad command
     return 2
 

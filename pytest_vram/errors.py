@@ -3,9 +3,10 @@ of the import graph: the pytest process, the worker and ZeRO's ranks all read th
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Final
 
-__all__ = ["SpecError", "Unsupported", "is_oom"]
+__all__ = ["SpecError", "Unsupported", "installed", "is_oom", "missing_library"]
 
 
 class SpecError(ValueError):
@@ -27,3 +28,23 @@ def is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return type(exc).__name__ == "OutOfMemoryError" or any(t in text for t in _OOM_TEXTS)
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` (``deepspeed``, ``galore_torch``) can be imported, without importing
+    it: the optional libraries are large, and some touch CUDA when imported."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
+def missing_library(name: str, install: str, *, needed_by: str = "") -> str:
+    """The one line that says an optional library is missing and how to install it.
+
+    ``name`` is what pip calls it (``nvidia-ml-py``, not its module ``pynvml``); ``install``
+    is what follows ``pip install`` (``'pytest-vram[zero]'``, ``galore-torch``). ``needed_by``
+    starts the sentence with who needs it: ``needed_by="zero=2 runs"`` gives ``zero=2 runs
+    DeepSpeed, which is not installed: pip install ...``."""
+    missing = f"{needed_by} {name}, which is" if needed_by else f"{name} is"
+    return f"{missing} not installed: pip install {install}"

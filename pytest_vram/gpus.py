@@ -24,6 +24,9 @@ from typing import Any, Final
 
 import pytest
 
+from pytest_vram import cuda_visible
+from pytest_vram.cuda_visible import Stop
+
 __all__ = [
     "VISIBLE",
     "devices_for_worker",
@@ -33,55 +36,40 @@ __all__ = [
     "worker_env",
 ]
 
-VISIBLE: Final = "CUDA_VISIBLE_DEVICES"
+VISIBLE: Final = cuda_visible.VARIABLE
 MASTER: Final = "master"  # pytest-xdist's worker_id outside any worker (no -n, or -n 0)
 _WORKER_ID: Final = re.compile(r"gw(\d+)")
-_UUID_PREFIXES: Final = ("GPU-", "MIG-")
-# "-1": CUDA stops reading the list at an invalid entry; this one is the usual way to hide GPUs.
-_HIDE: Final = re.compile(r"-\d+")
 
 
 def visible_devices(env: Mapping[str, str], count: int) -> list[str]:
     """The GPUs CUDA will number ``0..n-1`` in a process with this environment, as list entries.
 
     ``count`` is how many GPUs the driver lists, ignoring ``CUDA_VISIBLE_DEVICES``
-    (``nvidia-smi -L``, NVML's device count); it is used when the variable is unset and to
-    check integer entries. Unset: ``["0", ..., str(count - 1)]``. Empty: ``[]`` (no GPU).
-    Otherwise the comma-separated entries, each a device index or a ``GPU-``/``MIG-`` UUID
-    (or a unique prefix of one), in their order. A negative entry such as ``-1`` ends the
-    list, as CUDA does. Entries CUDA would silently drop along with everything after them
-    (a typo, an index beyond ``count``, a repeat) are a ValueError naming the entry and the
-    whole value: a worker given a GPU that does not exist would measure on fewer than asked.
+    (``nvidia-smi -L``, NVML's device count). The variable is read by CUDA's rules
+    (``cuda_visible.read``): unset, ``["0", ..., str(count - 1)]``; empty, ``[]``; a negative
+    entry such as ``-1`` ends the list. Entries CUDA would silently drop along with everything
+    after them (a typo, an index beyond ``count``) or that would hide every GPU (a repeat) are a
+    ValueError naming the entry and the whole value: a worker given a GPU that does not exist
+    would measure on fewer than asked.
     """
     if count < 0:
         raise ValueError(f"GPU count {count} is negative")
     raw = env.get(VISIBLE)
-    if raw is None:
-        return [str(i) for i in range(count)]
-    if not raw.strip():
-        return []
-    devices: list[str] = []
-    for part in raw.split(","):
-        entry = part.strip()
-        if _HIDE.fullmatch(entry):
-            break
-        if entry.isdigit():
-            if int(entry) >= count:
-                has = f"{count} GPU(s) (0..{count - 1})" if count else "no GPU"
-                raise ValueError(
-                    f"{VISIBLE}={raw!r} lists GPU {entry}, but this machine has {has}; "
-                    "CUDA would ignore it and every entry after it"
-                )
-            entry = str(int(entry))  # "01" and "1" are the same device
-        elif not (entry.startswith(_UUID_PREFIXES) and len(entry) > len("GPU-")):
-            raise ValueError(
-                f"{VISIBLE}={raw!r}: entry {entry!r} is neither a GPU index nor a GPU-/MIG- UUID; "
-                "CUDA would ignore it and every entry after it"
-            )
-        if entry in devices:
-            raise ValueError(f"{VISIBLE}={raw!r} lists GPU {entry} twice")
-        devices.append(entry)
-    return devices
+    seen = cuda_visible.read(raw, count)
+    if seen.repeated:
+        raise ValueError(f"{VISIBLE}={raw!r} lists GPU {seen.repeated} twice")
+    ignored = "CUDA would ignore it and every entry after it"
+    if seen.stop is Stop.BEYOND:
+        has = f"{count} GPU(s) (0..{count - 1})" if count else "no GPU"
+        raise ValueError(
+            f"{VISIBLE}={raw!r} lists GPU {seen.stopped_at}, but this machine has {has}; {ignored}"
+        )
+    if seen.stop is Stop.MALFORMED:
+        raise ValueError(
+            f"{VISIBLE}={raw!r}: entry {seen.stopped_at!r} is {Stop.MALFORMED.value}; {ignored}"
+        )
+    assert seen.devices is not None  # read() lists every GPU when given the count
+    return list(seen.devices)
 
 
 def split_devices(visible: Sequence[str], workers: int) -> list[list[str]]:

@@ -11,17 +11,31 @@ from pytest_vram.spec import FIELDS, StepSpec, check_field, unknown_name
 from pytest_vram.units import parse_fraction, parse_size
 
 __all__ = [
+    "KEYWORDS",
     "MARKER",
+    "OWN_KEYWORDS",
     "STEP_OWN",
     "MarkerArgs",
     "check_capacity",
     "check_device",
     "check_step_names",
+    "help_line",
     "parse_marker",
 ]
 
 MARKER: Final = "vram_budget"
-_OWN: Final = ("gb", "tolerance", "leak_tolerance", "capacity_gb", "device")
+# The marker's own keywords and what each means; the help line is built from this, so a
+# keyword parse_marker accepts is a keyword `pytest --markers` names.
+OWN_KEYWORDS: Final[Mapping[str, str]] = {
+    "gb": "the budget, GiB or a size such as '512MiB' (required)",
+    "tolerance": "allowed drift from the baseline, a fraction or '5%' (default: --vram-tolerance)",
+    "leak_tolerance": "allowed growth of the peak from step 2 on (default 0)",
+    "capacity_gb": "the device's memory in GiB; a peak above it fails as a predicted OOM",
+    "device": "the meter of this test's cases, one of {meters} (default: the run's)",
+}
+# Every keyword the marker accepts: its own, then the StepSpec fields, which become the
+# defaults of vram.step() in that test.
+KEYWORDS: Final = (*OWN_KEYWORDS, *FIELDS)
 # What vram.step() takes besides the StepSpec fields.
 STEP_OWN: Final = ("device", "capacity_gb")
 
@@ -42,10 +56,9 @@ def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs
     if args:
         raise SpecError(f"takes keyword arguments only, got positional {args!r}; write gb=...")
     # An unknown keyword first: a misspelt gb= would otherwise read as "gb is missing".
-    known = (*_OWN, *FIELDS)
     for name, value in kwargs.items():
-        if name not in known:
-            raise unknown_name(f"keyword {name}={value!r}", name, known)
+        if name not in KEYWORDS:
+            raise unknown_name(f"keyword {name}={value!r}", name, KEYWORDS)
     if "gb" not in kwargs:
         raise SpecError("gb is missing: write @pytest.mark.vram_budget(gb=<GiB>)")
     budget = parse_size("gb", kwargs["gb"])
@@ -57,11 +70,27 @@ def parse_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> MarkerArgs
     )
     capacity = check_capacity(kwargs["capacity_gb"]) if "capacity_gb" in kwargs else None
     device = check_device(kwargs["device"]) if "device" in kwargs else None
-    defaults = {n: check_field(n, v) for n, v in kwargs.items() if n not in _OWN}
+    defaults = {n: check_field(n, v) for n, v in kwargs.items() if n not in OWN_KEYWORDS}
     if "model" in defaults:
         # A complete spec: combinations (an optimizer a method cannot use) fail here too.
         StepSpec.from_kwargs(**defaults)
     return MarkerArgs(budget, tolerance, leak, defaults, capacity, device)
+
+
+def help_line() -> str:
+    """The marker's line for ``pytest --markers``: its keywords as ``parse_marker`` takes them."""
+    from pytest_vram.meters import METERS
+
+    own = "; ".join(
+        f"{name}: {meaning.format(meters=', '.join(METERS))}"
+        for name, meaning in OWN_KEYWORDS.items()
+    )
+    return (
+        f"{MARKER}({', '.join(OWN_KEYWORDS)}, **step): fail when the peak memory of the test's "
+        "vram.step()/vram.measure() cases exceeds gb GiB or drifts from the stored baseline. "
+        f"{own}. step: StepSpec fields, the defaults of vram.step() in this test: "
+        f"{', '.join(FIELDS)}"
+    )
 
 
 def check_step_names(names: Iterable[str]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from pytest_vram import methods
 from pytest_vram.fixture import Recorder
 from pytest_vram.gpus import assign_gpus, check_gpu_visible, check_workers
-from pytest_vram.marker import MARKER
+from pytest_vram.marker import help_line
 from pytest_vram.options import add_options, resolve
 from pytest_vram.session import VramSession
 
@@ -34,11 +34,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        f"{MARKER}(gb, tolerance=None, leak_tolerance=0, **step): fail when the peak memory of the test's "
-        "vram.step()/vram.measure() cases exceeds gb GiB or drifts from the stored baseline",
-    )
+    config.addinivalue_line("markers", help_line())
     settings = resolve(config)
     if settings.gpu and not hasattr(config, "workerinput"):
         check_gpu_visible()

@@ -1,7 +1,8 @@
 """Published memory figures that ``pytest-vram estimate`` prints beside its own trace.
 
 Typed data, each with its source; nothing here imports torch. The project's reference notes say
-how the numbers were read.
+how the numbers were read. Which row of LLaMA-Factory's table a step reads is declared by its
+method and optimizer (``llama_factory_row``, ``base_weight_bits``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import Final, final
+
+from pytest_vram import methods
+from pytest_vram.methods import LlamaFactoryRow
 
 __all__ = [
     "LLAMA_FACTORY",
@@ -54,7 +58,6 @@ LLAMA_FACTORY: Final[tuple[TableRow, ...]] = (
 # A model within this fraction of a column's size reads that column (6.7B and 7.6B -> 7B,
 # 32.8B -> 30B); any other size reads the `x`B formula.
 _COLUMN_TOLERANCE: Final = 0.15
-_LORA_LIKE: Final = ("lora", "dora", "pissa", "rslora", "lora+")
 _SIXTEEN_BIT: Final = ("bf16", "fp16")
 
 
@@ -74,15 +77,17 @@ class TableValue:
 
 def _row(method: str, optimizer: str, precision: str) -> TableRow | None:
     """The table row for a step, or None when the table has no row for it."""
-    if method in ("qlora", "lora-8bit"):  # pytest-vram's QLoRA is NF4
-        bits = 4 if method == "qlora" else 8
-        return next(r for r in LLAMA_FACTORY if r.method == "QLoRA" and r.bits == bits)
-    if method == "full" and optimizer == "adamw":
-        return LLAMA_FACTORY[1] if precision in _SIXTEEN_BIT else LLAMA_FACTORY[0]
-    galore_badam = method == "full" and optimizer in ("galore-adamw", "galore-adamw-8bit", "badam")
-    # The 16-bit row assumes 16-bit base weights; amp-* and fp32 keep them in fp32.
-    if precision in _SIXTEEN_BIT and (method in ("freeze", *_LORA_LIKE) or galore_badam):
-        return LLAMA_FACTORY[2]
+    trained = methods.METHODS[method]
+    family: LlamaFactoryRow | None = trained.llama_factory_row
+    if family is LlamaFactoryRow.FULL:  # the model's own weights: the optimizer's row
+        family = methods.OPTIMIZERS[optimizer].llama_factory_row
+    if family is None:
+        return None
+    # A quantized base has its own bits; otherwise amp-* and fp32 keep 32-bit base weights.
+    bits = trained.base_weight_bits or (16 if precision in _SIXTEEN_BIT else 32)
+    for row in LLAMA_FACTORY:
+        if row.method.split(" (")[0] == family.value and row.bits == bits:
+            return row
     return None
 
 

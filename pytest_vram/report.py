@@ -32,7 +32,6 @@ class Summary:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     unused: list[str] = dataclasses.field(default_factory=list)  # "path: test / label"
     update: bool = False
-    removed: int = 0
 
     def counts(self) -> Counter[str]:
         counts: Counter[str] = Counter(r["action"] for r in self.rows if r["action"])

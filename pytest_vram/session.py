@@ -19,6 +19,7 @@ from pytest_vram.marker import (
     parse_marker,
 )
 from pytest_vram.meters import unsupported
+from pytest_vram.meters.base import FIXED_FINGERPRINTS
 from pytest_vram.options import Settings
 from pytest_vram.report import Summary, write_json
 from pytest_vram.result import GIB, MemoryResult
@@ -30,7 +31,6 @@ __all__ = ["VramSession", "split_nodeid"]
 
 _PROPERTY: Final = "vram"
 # Host baselines need no probe of the device; cuda fingerprints come back with the first result.
-_STATIC_FINGERPRINTS: Final = {"host": "host-cpu", "fake": "fake"}
 
 
 def split_nodeid(nodeid: str) -> tuple[str, str]:
@@ -60,8 +60,8 @@ class VramSession:
         # Invalid baseline entries a refresh replaced or kept: "<file>: <test> / <label>: <why>"
         self.invalid: dict[str, list[str]] = {"replaced": [], "kept": []}
         self.devices: set[str] = set()
-        if settings.device in _STATIC_FINGERPRINTS:
-            self.devices.add(_STATIC_FINGERPRINTS[settings.device])
+        if settings.device in FIXED_FINGERPRINTS:
+            self.devices.add(FIXED_FINGERPRINTS[settings.device])
 
     def job(self, meter: str, **fields: Any) -> Job:
         options: dict[str, Any] = {}

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
-from pytest_vram import methods, zoo
+from pytest_vram import methods, model_configs, zoo
 from pytest_vram.errors import SpecError
 from pytest_vram.methods import OptionValue
 
@@ -22,7 +22,6 @@ __all__ = [
     "OFFLOADS",
     "PRECISIONS",
     "STAGES",
-    "ZERO_METHODS",
     "SpecError",
     "StepSpec",
     "check_field",
@@ -36,9 +35,6 @@ ATTENTIONS: Final = ("sdpa", "eager")
 STAGES: Final = ("sft", "dpo")
 ZERO_STAGES: Final = (0, 1, 2, 3)
 OFFLOADS: Final = ("none", "optimizer", "param", "both")
-# DeepSpeed wraps a plain torch optimizer; these methods train through it unchanged.
-ZERO_METHODS: Final = ("full", "freeze", "lora", "qlora")
-ZERO_OPTIMIZERS: Final = ("adamw", "sgd")
 # The ZeRO stages that can offload each part, and why the others cannot.
 _NO_PARAMS: Final = "only ZeRO-3 partitions parameters"
 OFFLOAD_STAGES: Final = {
@@ -137,7 +133,12 @@ def check_field(name: str, value: object) -> object:
     """Validate one spec field on its own (marker arguments at collection); return it normalised."""
     if name == "model":
         if not _is_one_of(value, zoo.MODELS):
-            raise _known("model", value, zoo.MODELS)
+            if not isinstance(value, str) or model_configs.is_key(value):
+                raise _known("model", value, zoo.MODELS)
+            model_configs.read(value)  # a config of the user's: readable, or a SpecError
+    elif name == "model_config":
+        if not isinstance(value, str):
+            raise SpecError(f"model_config={value!r} must be the config's JSON text")
     elif name == "method":
         if not _is_one_of(value, methods.METHODS):
             raise _known("method", value, methods.METHODS)
@@ -202,8 +203,18 @@ class StepSpec:
     zero: int | None = None
     offload: str = "none"
     ranks: int = 1
+    # A model of the user's own config: its canonical JSON, ``model`` its key (model_configs).
+    model_config: str = ""
 
     def __post_init__(self) -> None:
+        if self.model_config:
+            model_configs.register(self.model, self.model_config)
+        elif self.model not in zoo.MODELS and isinstance(self.model, str):
+            if not model_configs.is_key(self.model):
+                key, text = model_configs.read(self.model)
+                object.__setattr__(self, "model", key)
+                object.__setattr__(self, "model_config", text)
+                model_configs.register(key, text)
         for field in dataclasses.fields(self):
             if field.name not in ("method_options", "optimizer_options"):
                 check_field(field.name, getattr(self, field.name))
@@ -234,10 +245,13 @@ class StepSpec:
             if self.ranks != 1:
                 return f"ranks={self.ranks} needs zero={_either(ZERO_STAGES)}; got zero=None (no DeepSpeed)"
             return None
-        if self.method not in ZERO_METHODS:
-            return f"zero={self.zero} runs methods {', '.join(ZERO_METHODS)}; not {self.method!r}"
-        if self.optimizer not in ZERO_OPTIMIZERS:
-            return f"zero={self.zero} runs optimizers {', '.join(ZERO_OPTIMIZERS)}; not {self.optimizer!r}"
+        for what, name, registry in (
+            ("methods", self.method, methods.METHODS),
+            ("optimizers", self.optimizer, methods.OPTIMIZERS),
+        ):
+            if not registry[name].runs_under_zero:
+                runs = ", ".join(n for n, part in registry.items() if part.runs_under_zero)
+                return f"zero={self.zero} runs {what} {runs}; not {name!r}"
         if self.stage != "sft":
             return f"zero={self.zero} runs stage 'sft'; not {self.stage!r}"
         if self.precision.startswith("amp-"):
@@ -247,11 +261,16 @@ class StepSpec:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> StepSpec:
         for name in kwargs:
-            if name not in FIELDS:
+            if name not in FIELDS and name != "model_config":
                 raise unknown_name(f"step argument {name!r}", name, FIELDS)
         if "model" not in kwargs:
             raise SpecError("model is required, e.g. model='tiny-llama'")
         return cls(**kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Rebuilt through __post_init__ in the worker child: a model of the user's config is
+        # entered in that process's zoo on the way in.
+        return (StepSpec.from_json, (self.to_json(),))
 
     def method_option(self, name: str) -> Any:
         return dict(self.method_options).get(name, methods.METHODS[self.method].options[name])
@@ -294,6 +313,8 @@ class StepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        if not self.model_config:  # zoo models: baselines as they were before the field
+            del data["model_config"]
         data["method_options"] = {k: _jsonable(v) for k, v in self.method_options}
         data["optimizer_options"] = {k: _jsonable(v) for k, v in self.optimizer_options}
         return data
@@ -318,4 +339,5 @@ def _jsonable(value: OptionValue) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-FIELDS: Final = tuple(f.name for f in dataclasses.fields(StepSpec))
+# What a marker or vram.step() takes; model_config is written by the spec itself.
+FIELDS: Final = tuple(f.name for f in dataclasses.fields(StepSpec) if f.name != "model_config")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pytest_vram import errors, methods, stages
-from pytest_vram.meters.base import Meter, Roles
+from pytest_vram.meters.base import MemorySnapshots, Meter, Roles
 from pytest_vram.result import MemoryResult, StepMeasure
 from pytest_vram.spec import StepSpec
 
@@ -113,10 +113,7 @@ def _result(
     worst = max(steps, key=lambda s: s.peak_bytes)
     params = list(model.parameters()) if model is not None else []
     versions = library_versions()
-    meter_versions = getattr(meter, "versions", None)
-    if meter_versions is not None:
-        versions.update(meter_versions())
-    meter_environment = getattr(meter, "environment", None)
+    versions.update(meter.versions())
     return MemoryResult(
         label=label,
         meter=meter.name,
@@ -128,14 +125,14 @@ def _result(
         reserved_bytes=_most([s.reserved_bytes for s in steps]),
         allocated_bytes=_most([s.allocated_bytes for s in steps]),
         nvml_bytes=_most([s.nvml_bytes for s in steps]),
-        peak_source=getattr(meter, "peak_source", "storage"),
+        peak_source=meter.peak_source,
         host_offload_bytes=max(s.host_offload_bytes for s in steps),
         trainable_params=sum(_numel(p) for p in params if p.requires_grad),
         total_params=sum(_numel(p) for p in params),
         param_dtype_bytes=_dtype_bytes(params),
         versions=versions,
-        environment=meter_environment() if meter_environment is not None else {},
-        notes=notes + tuple(getattr(meter, "notes", ())),
+        environment=dict(meter.environment()),
+        notes=notes + tuple(meter.notes),
     )
 
 
@@ -155,8 +152,9 @@ def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None
 
 
-class _Plain:
-    """The optimizer as the method built it: the trainer of a case without DeepSpeed."""
+class _OptimizerTrainer:
+    """The optimizer as the method built it, stepped directly: the trainer of a case without
+    DeepSpeed (``zero.engine.ZeroTrainer`` is the one with it)."""
 
     def __init__(
         self,
@@ -173,15 +171,13 @@ class _Plain:
         self.method, self.opt, self.frozen = method, opt, frozen
         self.config: dict[str, Any] | None = None
         self.forward = model
-        note = getattr(meter, "note", None)
         hook = torch.Tensor.register_post_accumulate_grad_hook  # untyped in torch
         for p in model.parameters():
             if not p.requires_grad:
                 continue
-            if note is not None:
-                # LOMO and BAdam drop each gradient inside backward or step, before step_end
-                # sees it: a storage that was ever a .grad in this step counts as a gradient.
-                hook(p, lambda p: note(_grad_roles(p)))  # type: ignore[no-untyped-call]
+            # LOMO and BAdam drop each gradient inside backward or step, before step_end
+            # sees it: a storage that was ever a .grad in this step counts as a gradient.
+            hook(p, lambda p: meter.note(_grad_roles(p)))  # type: ignore[no-untyped-call]
             if not keep_grads:
                 # Dropped on arrival: the step holds weights and activations only (what the
                 # ZeRO simulation traces; it lays gradients and state out per rank itself).
@@ -209,11 +205,11 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
         reason = part.unsupported(spec, meter.device)
         if reason:
             raise errors.Unsupported(reason)
-    if spec.zero is not None and meter.name == "fake":
-        # DeepSpeed does not run under FakeTensorMode: trace without it, lay the state out.
+    if spec.zero is not None and meter.simulates_zero:
         from pytest_vram.zero import simulation
 
-        return simulation.simulate(_run(simulation.plain(spec), meter, zero_rank=True), spec)
+        traced = _run(simulation.plain(spec), meter, simulation_trace=True)
+        return simulation.simulate(traced, spec)
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(
@@ -226,15 +222,16 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
     return _run(spec, meter)
 
 
-def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
-    """``zero_rank``: trace the step for ``zero.simulation``, with gradients dropped on arrival (it
-    lays gradients and state out per rank itself)."""
+def _run(spec: StepSpec, meter: Meter, simulation_trace: bool = False) -> MemoryResult:
+    """``simulation_trace``: trace the step for ``zero.simulation``, with gradients dropped on
+    arrival (it lays gradients and state out per rank itself)."""
     method = methods.METHODS[spec.method]
     opt = methods.OPTIMIZERS[spec.optimizer]
     torch.manual_seed(spec.seed)
     steps: list[StepMeasure] = []
-    if hasattr(meter, "snapshot_label"):
-        meter.snapshot_label = spec.label
+    snapshots = meter if isinstance(meter, MemorySnapshots) else None
+    if snapshots is not None:
+        snapshots.snapshot_label = spec.label
     with meter:
         model = method.build_model(spec, _DTYPES[spec.precision], meter.device)
         model.config.use_cache = False  # type: ignore[union-attr]  # training: no KV cache
@@ -245,9 +242,9 @@ def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
         model = method.prepare(model, spec)
         model.train()
         optimizer = method.build_optimizer(model, spec, opt)
-        trainer: _Plain | engine.ZeroTrainer
+        trainer: _OptimizerTrainer | engine.ZeroTrainer
         if spec.zero is None:
-            trainer = _Plain(
+            trainer = _OptimizerTrainer(
                 model,
                 optimizer,
                 spec,
@@ -255,7 +252,7 @@ def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
                 opt,
                 lambda: stage.frozen_models(),
                 meter,
-                keep_grads=not zero_rank,
+                keep_grads=not simulation_trace,
             )
         else:
             from pytest_vram.zero import engine
@@ -273,8 +270,8 @@ def _run(spec: StepSpec, meter: Meter, zero_rank: bool = False) -> MemoryResult:
             trainer.zero_grad()
             del loss, inputs
         result = _result(spec.label, spec, meter, steps, model, trainer.notes())
-    # The GPU meter writes its memory snapshot when it exits.
-    snapshot = getattr(meter, "snapshot_path", None)
+    # A snapshot is written when the meter exits.
+    snapshot = snapshots.snapshot_path if snapshots is not None else None
     return dataclasses.replace(result, zero_config=trainer.config, snapshot_path=snapshot)
 
 

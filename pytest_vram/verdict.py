@@ -165,7 +165,9 @@ def judge(
             f"no baseline for {tag} on device {result.device}; record it with: {record_hint}"
         )
     elif baseline.peak_bytes != peak:
-        drift = peak / baseline.peak_bytes - 1 if baseline.peak_bytes else float("inf")
+        # The difference first: 1050 / 1000 - 1 is 0.05000000000000004, beyond a 5% tolerance.
+        base = baseline.peak_bytes
+        drift = (peak - base) / base if base else float("inf")
         if abs(drift) > budget.tolerance:
             changed = versions_changed(baseline.versions, result.versions)
             why = (

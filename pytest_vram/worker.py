@@ -16,13 +16,13 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import pickle
-import signal
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any, Final, Literal, final
 
+from pytest_vram import processes
 from pytest_vram.errors import SpecError, is_oom
 from pytest_vram.forksafe import ARM_VARIABLE, NVML_CHECK
 from pytest_vram.result import MemoryResult
@@ -135,7 +135,7 @@ class CaseFailure:
         if self.traceback:
             parts.append(self.traceback.rstrip())
         if self.output_tail:
-            parts.append("--- tail of the case's output ---\n" + self.output_tail.rstrip())
+            parts.append(f"{processes.TAIL_HEADER}\n{self.output_tail.rstrip()}")
         return "\n".join(parts)
 
 
@@ -209,24 +209,14 @@ def _child(job: Job, conn: multiprocessing.connection.Connection, output_path: s
 
 
 def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-_TAIL_LINES:])
+    return processes.output_tail(path, _TAIL_LINES)
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "did not exit"
-    if code < 0:
-        sig = signal.Signals(-code)
-        hint = " (the OS out-of-memory killer sends this)" if sig == signal.SIGKILL else ""
-        return f"killed by {sig.name}{hint}"
-    return f"exited with code {code} before sending a result"
+def _crash_reason(code: int | None) -> str:
+    ended = processes.exit_text(code)
+    if code is not None and code >= 0:  # a signal says what happened; an exit code does not
+        return f"case {ended} before sending a result"
+    return f"case {ended}"
 
 
 _server_meter: str | None = None  # the meter the running forkserver was preloaded for
@@ -309,26 +299,23 @@ class Worker:
             # The sentinel is the server's pipe: it reports a child's exit after reaping it, so
             # a child "ended" but still there means the server died. The child runs on,
             # orphaned, and its result still comes through its own pipe.
-            server_died = recv not in ready and bool(ready) and _running(proc.pid)
+            server_died = recv not in ready and bool(ready) and processes.running(proc.pid)
             if server_died:
                 left = max(0.0, deadline - time.monotonic())
                 ready = multiprocessing.connection.wait([recv], timeout=left)
             if recv in ready:
-                try:
-                    message = recv.recv()
-                except (EOFError, OSError):
-                    message = None  # died while sending, or exited without a word
+                message = processes.receive(recv)  # None: died while sending, or sent nothing
             grace = _EXIT_GRACE_S if message else max(0.0, deadline - time.monotonic())
             proc.join(grace if ready else 0)
             timed_out = not ready
         finally:
             recv.close()
             if proc.is_alive():
-                _kill_group(proc.pid)
+                processes.kill_group(proc.pid)
                 proc.join()
             # A child that crashed or was killed by the OS leaves what it started (ranks,
             # DataLoader workers) running in its group: end them too.
-            _kill_group(proc.pid, leader_gone=True)
+            processes.kill_group(proc.pid, leader_gone=True)
         if message is not None:
             return self._from_message(job, message, proc.exitcode, output_path)
         if timed_out:
@@ -351,7 +338,7 @@ class Worker:
         return CaseFailure(
             job.label,
             "crash",
-            f"case {_describe_exit(proc.exitcode)}",
+            _crash_reason(proc.exitcode),
             proc.exitcode,
             _tail(output_path),
         )
@@ -365,31 +352,3 @@ class Worker:
         kind, what, tb = message
         reason = f"out of memory: {what}" if kind == "oom" else what
         return CaseFailure(job.label, kind, reason, exitcode, _tail(output_path), tb)  # type: ignore[arg-type]
-
-
-def _kill_group(pid: int | None, leader_gone: bool = False) -> None:
-    """SIGKILL the case child's process group. With ``leader_gone`` (the child has exited) only
-    the group: Linux does not hand out a pid as a new process's while a group still holds it as
-    its id, but once the group is empty the number may be anyone's, so no kill by pid then."""
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        if leader_gone:
-            return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _running(pid: int | None) -> bool:
-    """Whether ``pid`` still exists (a zombie counts): ours, so not another user's."""
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True

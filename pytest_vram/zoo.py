@@ -16,15 +16,31 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = [
+    "FAKE_METER_BLOCKERS",
     "MODELS",
+    "ModelKind",
     "ModelShape",
     "attention_refusal",
     "build_config",
     "build_model",
+    "checked_config",
+    "enter",
     "model_class",
     "registered",
     "sdpa_missing",
 ]
+
+
+ModelKind = Literal["causal-lm", "vision-language"]
+
+# Why the fake meter (FakeTensorMode: tensors without values) cannot trace a kind of model,
+# naming the library call; None: it can. Every kind has an entry.
+FAKE_METER_BLOCKERS: Final[Mapping[ModelKind, str | None]] = {
+    "causal-lm": None,
+    "vision-language": "Qwen2-VL places its 3-D rotary positions by the values of the image "
+    "grid and the token ids (transformers.vision_utils.get_vision_position_ids); fake tensors "
+    "hold no values",
+}
 
 
 @final
@@ -35,10 +51,14 @@ class ModelShape:
     # Published parameter count, for checking the numbers above against the model card.
     published_params: int | None = None
     notes: str = ""
-    kind: Literal["causal-lm", "vision-language"] = "causal-lm"
+    kind: ModelKind = "causal-lm"
     # Vision-language: each example carries one image of this many patches (rows, columns),
     # e.g. (32, 32) is a 448x448 image in 14-pixel patches.
     image_patches: tuple[int, int] | None = None
+
+    @property
+    def fake_meter_blocker(self) -> str | None:
+        return FAKE_METER_BLOCKERS[self.kind]
 
 
 _QWEN2_COMMON: Final = {"vocab_size": 151936, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
@@ -227,6 +247,14 @@ MODELS: Final[Mapping[str, ModelShape]] = {**_LANGUAGE, **_VISION_LANGUAGE}
 _MODELS: Final[dict[str, ModelShape]] = MODELS  # type: ignore[assignment]  # writable here only
 
 
+def enter(name: str, shape: ModelShape) -> None:
+    """``shape`` in MODELS under ``name`` for the rest of the process: a model of the user's
+    own config (``model_configs.register``), whose key names its content."""
+    if name in MODELS and MODELS[name] != shape:
+        raise ValueError(f"model {name!r} is already in the zoo with another shape")
+    _MODELS[name] = shape
+
+
 @contextlib.contextmanager
 def registered(name: str, shape: ModelShape) -> Iterator[None]:
     """``shape`` in MODELS under ``name`` while the block runs (a config.json given to
@@ -241,10 +269,28 @@ def registered(name: str, shape: ModelShape) -> Iterator[None]:
 
 
 def build_config(name: str) -> PretrainedConfig:
+    return checked_config(name, MODELS[name])
+
+
+def checked_config(name: str, shape: ModelShape) -> PretrainedConfig:
+    """The transformers config of ``shape``; a ``SpecError`` naming ``name`` when transformers
+    refuses a field, or a value would fail later inside the model."""
     from transformers import AutoConfig
 
-    shape = MODELS[name]
-    return AutoConfig.for_model(shape.model_type, **shape.config)
+    from pytest_vram.errors import SpecError
+
+    try:
+        config = AutoConfig.for_model(shape.model_type, **shape.config)
+    except Exception as exc:  # ValueError, TypeError, huggingface_hub's StrictDataclassError
+        raise SpecError(f"model {name!r}: {exc}") from None
+    # transformers only logs this one; the embedding's padding_idx then fails an assert.
+    pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
+        raise SpecError(
+            f"model {name!r}: pad_token_id={pad} is outside the vocabulary "
+            f"(vocab_size={vocab}); set it below vocab_size or to null"
+        )
+    return config
 
 
 def auto_class(name: str) -> Any:
@@ -264,6 +310,16 @@ def model_class(name: str) -> type[PreTrainedModel]:
         else modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
     )
     config = build_config(name)
+    if type(config) not in mapping:
+        import transformers
+
+        from pytest_vram.errors import SpecError
+
+        what = "causal-LM" if MODELS[name].kind == "causal-lm" else "image-text-to-text"
+        raise SpecError(
+            f"model {name!r}: model_type {MODELS[name].model_type!r} has no {what} model in "
+            f"transformers {transformers.__version__}"
+        )
     found: Any = mapping[type(config)]
     if isinstance(found, tuple):  # several classes: from_config's choice, by architectures
         by_name = {c.__name__: c for c in found}

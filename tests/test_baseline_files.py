@@ -1,12 +1,10 @@
-"""Baseline files as found on disk: hand edits, bad merges, hostile module names, no pickle.
-
-Unit tests read and write files through ``BaselineStore``; the pytester tests at the end run
-real sessions against the files those produce.
+"""Baseline files as found on disk, read and written through ``BaselineStore``: hand edits, bad
+merges, hostile module names. Real sessions against such files are
+test_baseline_file_sessions.py.
 """
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
@@ -16,35 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from baseline_docs import GOOD, entry, write_doc
 
-from conftest import LABEL, SMALL, output
+from conftest import LABEL
 from pytest_vram.baselines import BaselineError, BaselineStore, Invalid
-from pytest_vram.result import Breakdown, MemoryResult
-from pytest_vram.spec import StepSpec
-
-SPEC = StepSpec(model="tiny-llama", batch=1, seq=32)
-GOOD = MemoryResult(
-    label=SPEC.label,
-    meter="host",
-    device="host-cpu",
-    peak_bytes=300,
-    step_peak_bytes=(300, 250, 250),
-    breakdown=Breakdown(param_bytes=100, grad_bytes=100, activation_bytes=100),
-    spec=SPEC,
-    versions={"torch": "2.5.0", "pytest-vram": "0.1.0"},
-).to_dict()
-assert SPEC.label == LABEL
-
-
-def entry(**changes: Any) -> dict[str, Any]:
-    return copy.deepcopy(GOOD) | changes
-
-
-def write_doc(path: Path, entries: Any, **doc: Any) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"schema": 1, "device": "host-cpu", "entries": entries} | doc
-    path.write_text(json.dumps(full, sort_keys=True, indent=2, ensure_ascii=False) + "\n")
-    return path.read_bytes()
+from pytest_vram.result import MemoryResult
 
 
 @pytest.fixture
@@ -258,189 +232,3 @@ def test_usual_module_paths_keep_their_file_names(store) -> None:
     assert store.path_for("suites/test_matrix.py") == root / "suites" / "test_matrix.json"
     assert store.path_for("test_llama3.1.py") == root / "test_llama3.1.json"
     assert store.path_for("_support/__tests__/t.py") == root / "_support" / "__tests__" / "t.json"
-
-
-# -- real sessions ------------------------------------------------------------------------------
-
-THREE_TESTS = "import pytest\n" + "".join(
-    f"\n@pytest.mark.vram_budget(gb=0.25)\ndef test_{name}(vram):\n    vram.step({SMALL})\n"
-    for name in "abc"
-)
-FOREIGN = "nvidia-h100-80gb-hbm3"
-
-
-def _spoil(vram_project) -> tuple[Path, str]:
-    """Record three tests, then hand-edit test_a's peak into a string and test_c's device."""
-    vram_project.write(THREE_TESTS)
-    vram_project.record()
-    path = vram_project.baseline_path()
-    doc = json.loads(path.read_text("utf-8"))
-    peak = str(doc["entries"]["test_a"][LABEL]["peak_bytes"])
-    doc["entries"]["test_a"][LABEL]["peak_bytes"] = peak
-    doc["entries"]["test_c"][LABEL]["device"] = FOREIGN
-    write_doc(path, doc["entries"])
-    return path, peak
-
-
-def test_invalid_entries_fail_their_own_tests_and_the_others_are_judged(vram_project) -> None:
-    path, peak = _spoil(vram_project)
-    before = path.read_bytes()
-    result = vram_project.run()
-    text = output(result)
-    assert "INTERNALERROR" not in text, text
-    result.assert_outcomes(passed=1, failed=2)
-    assert result.ret == pytest.ExitCode.TESTS_FAILED
-    fix = "fix or delete it, or re-record it with: pytest-vram refresh"
-    result.stdout.fnmatch_lines(
-        [
-            f"baseline file {path}: invalid entry test_a / {LABEL}: peak_bytes='{peak}' (a str) "
-            f"is not accepted; expected an integer >= 0 (a JSON number, no quotes); {fix} "
-            "'test_mem.py::test_a'",
-            f"baseline file {path}: invalid entry test_c / {LABEL}: device='{FOREIGN}' is not "
-            f"this folder's device 'host-cpu'*; {fix} 'test_mem.py::test_c'",
-        ]
-    )
-    result.stdout.re_match_lines([r"^test_mem\.py::test_b\s.*\s\+0\.0%\s+ok$"])
-    assert path.read_bytes() == before
-
-
-def test_refresh_keeps_invalid_entries_it_does_not_measure_and_replaces_the_others(
-    vram_project,
-) -> None:
-    path, peak = _spoil(vram_project)
-    before, inode = path.read_bytes(), path.stat().st_ino
-    why_a = f"peak_bytes='{peak}' (a str) is not accepted; expected an integer >= 0"
-    where = "baselines/host-cpu/test_mem.json"
-
-    partial = vram_project.record("-k", "test_b")
-    partial.assert_outcomes(passed=1, deselected=2)
-    partial.stdout.fnmatch_lines(
-        [
-            "vram baselines: 0 created, 0 updated, 1 unchanged, 0 unused",
-            f"kept invalid entry {where}: test_a / {LABEL}: {why_a}* (not re-measured, left as "
-            "it is: fix it, or refresh its test)",
-            f"kept invalid entry {where}: test_c / {LABEL}: device='{FOREIGN}' is not*",
-        ]
-    )
-    assert (path.read_bytes(), path.stat().st_ino) == (before, inode)  # not even rewritten
-
-    full = vram_project.record()
-    full.assert_outcomes(passed=3)
-    full.stdout.fnmatch_lines(
-        [
-            # no usable baseline was there: the re-measured cases count as created
-            "vram baselines: 2 created, 0 updated, 1 unchanged, 0 unused",
-            f"replaced invalid entry {where}: test_a / {LABEL}: {why_a}*",
-            f"replaced invalid entry {where}: test_c / {LABEL}: device='{FOREIGN}' is not*",
-        ]
-    )
-    assert "kept invalid entry" not in output(full)
-    assert vram_project.entry("test_a")["peak_bytes"] == int(peak)
-    assert vram_project.entry("test_c")["device"] == "host-cpu"
-    vram_project.run().assert_outcomes(passed=3)
-
-
-@pytest.mark.parametrize("update", [False, True], ids=["check", "update"])
-def test_file_with_a_key_twice_fails_every_test_and_is_left_alone(vram_project, update) -> None:
-    vram_project.write(THREE_TESTS)
-    path = vram_project.baseline_path()
-    content = b'{"schema": 1, "device": "host-cpu", "entries": {"test_a": {}, "test_a": {}}}\n'
-    path.parent.mkdir(parents=True)
-    path.write_bytes(content)
-    result = vram_project.run(*(["--vram-update"] if update else []))
-    assert "INTERNALERROR" not in output(result)
-    result.assert_outcomes(failed=3)
-    result.stdout.fnmatch_lines([f"baseline file {path} has the key 'test_a' twice in one object*"])
-    assert path.read_bytes() == content
-
-
-HOSTILE_IDS = ["../../escape", "/abs/olute", "a" * 300, "odd\x00?*:<>|\\\u00fc", "..\\win", "::x"]
-
-
-def test_hostile_ids_and_module_names_write_only_into_baselines_and_report(
-    pytester, monkeypatch
-) -> None:
-    monkeypatch.setattr("sys.dont_write_bytecode", True)  # no __pycache__ to tell apart
-    root = pytester.mkdir("root")
-    (root / "pytest.ini").write_text("[pytest]\n")
-    case = f"    vram.step({SMALL})\n"
-    (root / "test_llama3.py").write_text(f"def test_x(vram):\n{case}")
-    (root / "test_llama3.1.py").write_text(
-        f"import pytest\n\n@pytest.mark.parametrize('x', range(6), ids={HOSTILE_IDS!r})\n"
-        f"def test_p(vram, x):\n{case}"
-    )
-    pytester.mkdir("outside").joinpath("test_out.py").write_text(f"def test_o(vram):\n{case}")
-    common = ["-p", "no:cacheprovider", "-c", "root/pytest.ini", "--rootdir=root"]
-    common += ["--import-mode=importlib", "--vram-update", "--vram-json=root/report/vram.json"]
-    before = {p for p in pytester.path.rglob("*") if p.is_file()}
-
-    result = pytester.runpytest(*common, "root", "outside/test_out.py")
-    result.assert_outcomes(passed=8)
-    created = {p for p in pytester.path.rglob("*") if p.is_file()} - before
-    assert all(p.is_relative_to(root) for p in created), created
-    assert {p.relative_to(root).as_posix() for p in created} == {
-        "baselines/.pytest-vram-lock/lock",  # the write lock, with a .gitignore of "*"
-        "baselines/.pytest-vram-lock/.gitignore",
-        "baselines/host-cpu/test_llama3.json",
-        "baselines/host-cpu/test_llama3.1.json",
-        # the outside file's node id has an empty module part
-        BaselineStore(root / "baselines", "host-cpu").path_for("").relative_to(root).as_posix(),
-        "report/vram.json",
-    }, output(result)
-    hostile = json.loads((root / "baselines/host-cpu/test_llama3.1.json").read_text())["entries"]
-    assert len(hostile) == 6 and any(test.startswith("test_p[odd") for test in hostile)
-    # pytest escapes backslashes and unprintable characters in ids; the others are verbatim
-    assert {
-        f"test_p[{i}]" for i in HOSTILE_IDS if i.isprintable() and i.isascii() and "\\" not in i
-    } < set(hostile)
-
-    # a module of its own: refreshing test_llama3.py does not drop test_llama3.1's entries
-    again = pytester.runpytest(*common, "root/test_llama3.py")
-    again.assert_outcomes(passed=1)
-    assert json.loads((root / "baselines/host-cpu/test_llama3.1.json").read_text())["entries"] == (
-        hostile
-    )
-
-
-class _Opens:
-    """Unpickling this creates a file: the proof a baseline reader unpickled it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return open, (str(self.path), "w")
-
-
-def test_baselines_are_never_unpickled(vram_project, monkeypatch) -> None:
-    vram_project.write(THREE_TESTS)
-    vram_project.record()
-    marker = vram_project.path / "unpickled"
-    payload = pickle.dumps(_Opens(marker))
-    folder = vram_project.baseline_path().parent
-    (folder / "test_mem.pickle").write_bytes(payload)
-    doc = vram_project.baseline()
-    doc["entries"]["test_a"][LABEL]["notes"] = [payload.decode("latin-1")]
-    doc["entries"]["test_a"][LABEL]["zero_config"] = {"py/reduce": [{"py/type": "builtins.open"}]}
-    write_doc(vram_project.baseline_path(), doc["entries"])
-    vram_project.write(THREE_TESTS, "test_other")
-    (folder / "test_other.json").write_bytes(payload)
-
-    calls: list[object] = []
-
-    def refuse(*args: object, **kwargs: object) -> Any:
-        calls.append(args)
-        raise AssertionError("a baseline was unpickled")
-
-    class Refusing(pickle.Unpickler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            refuse(*args)
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", Refusing)
-    result = vram_project.run()
-    assert "INTERNALERROR" not in output(result), output(result)
-    result.assert_outcomes(passed=3, failed=3)
-    result.stdout.fnmatch_lines([f"baseline file {folder / 'test_other.json'} cannot be read: *"])
-    assert calls == [] and not marker.exists()

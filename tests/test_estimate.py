@@ -16,8 +16,10 @@ import pytest
 from conftest import TINY_SHAPE
 from pytest_vram import references, zoo
 from pytest_vram.cli import main
-from pytest_vram.estimate import deepspeed_figure
+from pytest_vram.estimate import Estimate, deepspeed_figure
+from pytest_vram.estimate_cli import capacity_line, json_object, text_lines
 from pytest_vram.meters.fake import FakeMeter
+from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.spec import StepSpec
 from pytest_vram.step import run_step
 
@@ -72,6 +74,22 @@ def test_llama_7b_breakdown_and_capacity(capsys: pytest.CaptureFixture[str]) -> 
     assert capacity["headroom_bytes"] == 64 * GIB - result["peak_bytes"]
     assert capacity["message"].startswith("capacity 64.00 GiB: FITS, ")
     assert data["columns"]["llama_factory"]["gb"] == 60
+
+
+def test_capacity_at_the_peak_fits_and_one_byte_less_does_not() -> None:
+    spec = StepSpec(model="tiny-llama")
+    peak = Breakdown(activation_bytes=GIB)
+    result = MemoryResult(spec.label, "fake", "fake", GIB, (GIB,), peak, spec=spec)
+
+    def at(capacity: int | None) -> Estimate:
+        return Estimate(spec, result, 1, "no DeepSpeed", None, capacity)
+
+    assert capacity_line(at(None)) is None and json_object(at(None))["capacity"] is None
+    assert capacity_line(at(GIB)) == "capacity 1.00 GiB: FITS, 0.00 GiB to spare"
+    short = json_object(at(GIB - 1))["capacity"]
+    assert (short["fits"], short["headroom_bytes"]) == (False, -1)
+    assert short["message"] == "capacity 1.00 GiB: OUT OF MEMORY predicted by 0.00 GiB"
+    assert list(text_lines(at(GIB - 1)))[-1] == short["message"]
 
 
 def test_qwen_32b_zero3_deepspeed_column(capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,7 +198,7 @@ def test_config_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["no-such-model"], "unknown model 'no-such-model': neither a zoo model nor a config.json"),
+        (["no-such-model"], "unknown model 'no-such-model': neither a zoo model, a config.json"),
         (["tiny-llama", "--method", "nope"], "unknown method 'nope'"),
         (["tiny-llama", "--offload", "both"], "offload='both' needs zero=3; got zero=None"),
         (["tiny-llama", "--zero", "2", "--offload", "param"], "needs zero=3; got zero=2"),

@@ -6,8 +6,11 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pytest_vram import gpus
+from pytest_vram import cuda_visible, gpus
+from pytest_vram.cuda_visible import Stop, Visible
 from pytest_vram.gpus import (
     devices_for_worker,
     skip_reason,
@@ -15,10 +18,93 @@ from pytest_vram.gpus import (
     visible_devices,
     worker_env,
 )
+from pytest_vram.meters.nvml import nvml_index
 
 UUID_A = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
 UUID_B = "GPU-1b2c3d4e-0000-1111-2222-333344445555"
 MIG = "MIG-2f8c1e0a-6b4d-5e3f-9a1b-7c6d5e4f3a2b"
+
+# -- cuda_visible.read: the variable as CUDA reads it --------------------------------------
+
+
+@pytest.mark.parametrize(("count", "devices"), [(None, None), (0, ()), (3, ("0", "1", "2"))])
+def test_unset_is_every_gpu_when_the_count_is_known(
+    count: int | None, devices: tuple[str, ...] | None
+) -> None:
+    assert cuda_visible.read(None, count) == Visible(devices)
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t"])
+@pytest.mark.parametrize("count", [None, 4])
+def test_set_but_empty_hides_every_gpu(value: str, count: int | None) -> None:
+    assert cuda_visible.read(value, count) == Visible(())
+
+
+@pytest.mark.parametrize(
+    ("value", "devices"),
+    [
+        ("3,1", ("3", "1")),
+        (" 02 , 0 ", ("2", "0")),  # leading zeros and spaces do not make another device
+        (f"{MIG},1,{UUID_A}", (MIG, "1", UUID_A)),
+        ("GPU-8932f937", ("GPU-8932f937",)),  # a UUID prefix, as written
+        ("7", ("7",)),  # no count given: an index is taken as written
+    ],
+)
+def test_entries_are_numbered_in_the_lists_order(value: str, devices: tuple[str, ...]) -> None:
+    assert cuda_visible.read(value) == Visible(devices)
+
+
+@pytest.mark.parametrize(
+    ("value", "count", "read"),
+    [
+        ("-1", None, Visible((), Stop.NEGATIVE, "-1")),
+        ("0,1,-1,2", None, Visible(("0", "1"), Stop.NEGATIVE, "-1")),
+        ("2,-1,junk", None, Visible(("2",), Stop.NEGATIVE, "-1")),
+        ("0,gpu1,2", None, Visible(("0",), Stop.MALFORMED, "gpu1")),
+        ("0,,1", None, Visible(("0",), Stop.MALFORMED, "")),
+        ("1gpu", None, Visible((), Stop.MALFORMED, "1gpu")),
+        ("+1", None, Visible((), Stop.MALFORMED, "+1")),
+        ("\u00b2", None, Visible((), Stop.MALFORMED, "\u00b2")),  # a digit to str, not to int
+        ("GPU-,0", None, Visible((), Stop.MALFORMED, "GPU-")),
+        ("0,4,1", 4, Visible(("0",), Stop.BEYOND, "4")),
+        ("0", 0, Visible((), Stop.BEYOND, "0")),
+    ],
+)
+def test_cuda_stops_at_the_first_entry_it_cannot_use(
+    value: str, count: int | None, read: Visible
+) -> None:
+    assert cuda_visible.read(value, count) == read
+
+
+@pytest.mark.parametrize(
+    ("value", "twice"), [("1,1", "1"), ("0,1,01", "1"), (f"{UUID_A},2,{UUID_A}", UUID_A)]
+)
+def test_a_repeated_device_hides_every_gpu(value: str, twice: str) -> None:
+    assert cuda_visible.read(value, 4) == Visible((), repeated=twice)
+
+
+def test_a_repeat_after_the_stop_is_not_read() -> None:
+    assert cuda_visible.read("0,-1,0") == Visible(("0",), Stop.NEGATIVE, "-1")
+
+
+ENTRIES = st.sampled_from(["0", "1", "02", "3", "9", "-1", "x", "", " 1", UUID_A, MIG, "GPU-"])
+
+
+@given(entries=st.lists(ENTRIES, max_size=5), count=st.integers(0, 4))
+def test_the_worker_split_and_the_nvml_lookup_read_the_variable_alike(
+    entries: list[str], count: int
+) -> None:
+    # gpus refuses what CUDA would drop; what it accepts, NVML finds under the same numbers.
+    value = ",".join(entries)
+    try:
+        devices = visible_devices({"CUDA_VISIBLE_DEVICES": value}, count)
+    except ValueError:
+        return
+    for torch_index, device in enumerate(devices):
+        assert str(nvml_index(torch_index, value)) == device
+    with pytest.raises(ValueError, match="is not visible"):
+        nvml_index(len(devices), value)
+
 
 # -- visible_devices ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from pytest_vram.step import _checkpointing_enable
 LORA_LIKE = ("lora", "dora", "pissa", "rslora", "lora+")
 PROMPT_LEARNING = ("prefix", "p-tuning", "prompt")
 QUANTIZED = ("qlora", "lora-8bit")
-ALL = (*LORA_LIKE, "ia3", *PROMPT_LEARNING, *QUANTIZED)
+ALL = (*LORA_LIKE, "ia3", "vera", *PROMPT_LEARNING, *QUANTIZED)
 F32 = 4  # bytes
 SEQ = 32
 VIRTUAL_TOKENS = 20  # the prompt-learning methods' default num_virtual_tokens
@@ -185,7 +185,7 @@ def test_prefix_tuning_with_checkpointing_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "option"), [("pissa", "niter"), ("prompt", "num_virtual_tokens")]
+    ("method", "option"), [("pissa", "niter"), ("prompt", "num_virtual_tokens"), ("vera", "rank")]
 )
 def test_option_ranges_are_checked_when_the_spec_is_made(method: str, option: str) -> None:
     with pytest.raises(SpecError, match=f"{option}=-1 must be >="):
@@ -205,6 +205,76 @@ def test_loraplus_refuses_optimizers_it_cannot_group(monkeypatch: pytest.MonkeyP
         spec("lora+", optimizer="other-opt")
     assert "lora+" in str(info.value) and "'other-opt'" in str(info.value)
     spec("lora+", optimizer="sgd")  # both torch optimizers peft can group are accepted
+
+
+# tiny-llama: 4 decoder layers of 7 Linears, whose output rows add up to 2400 per layer
+# (q 256, k 128, v 128, o 256, gate 688, up 688, down 256); the widest Linear is 688.
+LAYERS, LINEARS, OUT_ROWS, WIDEST = 4, 7, 2400, 688
+
+
+def test_vera_trains_two_vectors_per_layer_far_fewer_than_lora(
+    measured: Callable[[str], MemoryResult], prepared: Get
+) -> None:
+    model = prepared("vera")
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {n.split(".")[-2] for n in trained}  # ...q_proj.vera_lambda_b.default
+    assert kinds == {"vera_lambda_b", "vera_lambda_d"}
+    rank = 256  # peft's default r
+    assert sum(p.numel() for p in trained.values()) == LAYERS * (OUT_ROWS + LINEARS * rank)
+    vera, lora = measured("vera"), measured("lora")
+    assert vera.trainable_params == 16_768
+    assert vera.trainable_params * 8 < lora.trainable_params  # rank 8 LoRA: 147,968
+    assert vera.breakdown.optimizer_bytes * 8 < lora.breakdown.optimizer_bytes
+
+
+def test_vera_projections_are_one_frozen_pair_shared_by_every_layer(
+    measured: Callable[[str], MemoryResult], prepared: Get
+) -> None:
+    model = prepared("vera")
+    shared = {}
+    for name, buffer in model.named_buffers():
+        if ".vera_A." in name or ".vera_B." in name:
+            shared.setdefault(name.split(".")[-2], set()).add(buffer.untyped_storage().data_ptr())
+    assert {k: len(v) for k, v in shared.items()} == {"vera_A": 1, "vera_B": 1}
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    rank = 256
+    assert tuple(q_proj.vera_A["default"].shape) == (rank, WIDEST)  # sliced per layer
+    assert tuple(q_proj.vera_B["default"].shape) == (WIDEST, rank)
+    # The meter counts the pair once (fp32 buffers), beside the base model's own buffers.
+    extra = measured("vera").breakdown.buffer_bytes - measured("lora").breakdown.buffer_bytes
+    assert extra == 2 * rank * WIDEST * F32
+
+
+def test_vera_gradients_reach_only_its_vectors(prepared: Get) -> None:
+    model = prepared("vera")
+    ids = torch.randint(2048, (1, SEQ))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == {n for n, p in model.named_parameters() if p.requires_grad}
+    # peft starts lambda_b at 0 (the adapted layer begins as the base), so only it moves first.
+    assert all(g.any() for n, g in grads.items() if ".vera_lambda_b." in n)
+    model.zero_grad(set_to_none=True)
+
+
+def test_vera_rank_sizes_its_vectors_and_projections() -> None:
+    small = spec("vera", method_options={"rank": 16})
+    impl = methods.METHODS["vera"]
+    model = impl.prepare(impl.build_model(small, torch.bfloat16, "cpu"), small)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.vera_lambda_d["default"].numel() == 16
+    assert tuple(q_proj.vera_A["default"].shape) == (16, WIDEST)
+    assert model.get_nb_trainable_parameters()[0] == LAYERS * (OUT_ROWS + LINEARS * 16)
+
+
+def test_vera_traces_on_the_fake_meter_byte_for_byte(
+    measured: Callable[[str], MemoryResult],
+) -> None:
+    """What ``Vera.fake_meter_blocker = None`` claims."""
+    from pytest_vram.meters.fake import FakeMeter
+    from pytest_vram.step import run_step
+
+    host, fake = measured("vera"), run_step(spec("vera"), FakeMeter())
+    assert (fake.peak_bytes, fake.breakdown) == (host.peak_bytes, host.breakdown)
 
 
 def _base_bytes(model: torch.nn.Module, quantized: type) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import FAKE_UUID, FakeNvml
+from pytest_vram.errors import installed, missing_library
 from pytest_vram.meters.nvml import (
     NvmlSampler,
     cuda_version_string,
@@ -62,6 +63,23 @@ def test_unavailable_without_nvidia_ml_py_says_what_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
     assert nvml_unavailable() == ("nvidia-ml-py is not installed: pip install 'pytest-vram[gpu]'")
+
+
+def test_a_missing_library_is_one_line_naming_what_to_install() -> None:
+    # The form every "is it installed?" check prints (cli, step, estimate, methods, NVML).
+    assert missing_library("deepspeed", "'pytest-vram[zero]'") == (
+        "deepspeed is not installed: pip install 'pytest-vram[zero]'"
+    )
+    assert missing_library("DeepSpeed", "'pytest-vram[zero]'", needed_by="zero=2 runs") == (
+        "zero=2 runs DeepSpeed, which is not installed: pip install 'pytest-vram[zero]'"
+    )
+
+
+def test_installed_asks_without_importing() -> None:
+    assert installed("pynvml") and installed("multiprocessing.connection")
+    assert not installed("no_such_module_here")
+    assert not installed("no_such_package_here.sub")  # its parent is missing: not an error
+    assert "no_such_module_here" not in sys.modules
 
 
 def test_cuda_meter_imports_and_builds_without_nvidia_ml_py() -> None:
@@ -183,6 +201,7 @@ def test_nvml_index_follows_cuda_visible_devices(
         (0, "-1", "makes 0 device"),  # a common way to hide every GPU
         (1, "0,bogus,2", "makes 1 device"),  # CUDA ignores the list from an invalid entry on
         (0, "GPU-", "makes 0 device"),
+        (0, "1,1", "makes 0 device"),  # a repeated device hides every GPU
         (-1, None, "torch device index -1 is negative"),
     ],
 )

@@ -237,7 +237,7 @@ def test_a_missing_library_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> No
         importlib.util, "find_spec", lambda m, *a: None if m == "badam" else find_spec(m, *a)
     )
     reason = OPTIMIZERS["badam"].unsupported(spec("badam"), "cpu")
-    assert reason == "badam needs badam, which is not installed (pip install badam)"
+    assert reason == "badam needs badam, which is not installed: pip install badam"
     assert OPTIMIZERS["lomo"].unsupported(spec("lomo"), "cpu") is None
 
 
@@ -275,3 +275,23 @@ def test_incompatible_combinations_name_both(
 ) -> None:
     with pytest.raises(SpecError, match=f"^{method} with {optimizer}: .*{words}"):
         spec(optimizer, method, **options)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_zero_state_is_what_the_torch_optimizer_keeps(optimizer: str) -> None:
+    """The simulated ZeRO layout's state per parameter is the library's own: DeepSpeed steps
+    the torch optimizer on its fp32 partition, where AdamW keeps two fp32 moments (and a
+    step counter per tensor) and momentum-free SGD nothing."""
+    impl = OPTIMIZERS[optimizer]
+    assert impl.zero_state is not None
+    partition = torch.nn.Linear(1000, 1, bias=False)  # fp32, as DeepSpeed's master copy
+    built = impl.build(partition, spec(optimizer))
+    partition.weight.grad = torch.ones_like(partition.weight)
+    built.step()
+    state = built.state[partition.weight]
+    moments = sum(
+        t.numel() * t.element_size()
+        for k, t in state.items()
+        if k != "step" and isinstance(t, torch.Tensor)
+    )
+    assert moments == impl.zero_state.moment_bytes_per_param * 1000

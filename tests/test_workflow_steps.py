@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_workflows import GPU_WORKFLOWS, step, workflow
+from workflow_docs import GPU_WORKFLOWS, step, workflow
 
 # -- the shell of the steps, run with stand-ins --------------------------------------------------
 

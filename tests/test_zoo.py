@@ -26,9 +26,21 @@ def test_importing_the_zoo_does_not_import_torch_eagerly() -> None:
     import subprocess
     import sys
 
-    code = "import sys, pytest_vram.zoo, pytest_vram.spec, pytest_vram.plugin; print('torch' in sys.modules)"
+    # The modules that decide, at collection, what runs where: methods' facts and meter limits.
+    modules = "pytest_vram.zoo, pytest_vram.spec, pytest_vram.plugin, pytest_vram.meters.limits"
+    code = f"import sys, {modules}, pytest_vram.references; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_model_kind_says_whether_the_fake_meter_traces_it() -> None:
+    from typing import get_args
+
+    assert set(zoo.FAKE_METER_BLOCKERS) == set(get_args(zoo.ModelKind))
+    assert zoo.MODELS["tiny-llama"].fake_meter_blocker is None
+    reason = zoo.MODELS["tiny-qwen2-vl"].fake_meter_blocker
+    assert reason == zoo.FAKE_METER_BLOCKERS["vision-language"]
+    assert reason and "get_vision_position_ids" in reason
 
 
 GEMMA2 = zoo.ModelShape(

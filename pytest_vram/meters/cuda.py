@@ -24,7 +24,7 @@ from typing import Final, final
 
 import torch
 
-from pytest_vram.meters.base import Roles
+from pytest_vram.meters.base import DeviceIndexed, HostOffloadTagging, MemorySnapshots, Meter, Roles
 from pytest_vram.meters.nvml import (
     NvmlSampler,
     driver_versions,
@@ -137,7 +137,7 @@ def _torch_uuid(index: int) -> str | None:
 
 
 @final
-class CudaMeter:
+class CudaMeter(Meter, HostOffloadTagging, MemorySnapshots, DeviceIndexed):
     name = "cuda"
 
     def __init__(
@@ -157,8 +157,7 @@ class CudaMeter:
         self.peak_source = peak_source
         self.snapshot_dir = snapshot_dir
         self.sample_nvml = sample_nvml
-        self.device_index = index
-        self.device = f"cuda:{index}"
+        self.use_device(index)
         self._host: dict[int, int] = {}  # offloaded storages on the host: data_ptr -> bytes
         self.snapshot_label: str | None = None  # names the snapshot file; set before entering
         self.snapshot_path: str | None = None  # the snapshot written by the last exit
@@ -170,6 +169,10 @@ class CudaMeter:
         self._sampler: NvmlSampler | None = None
         self._stack: contextlib.ExitStack | None = None
         self._first_step = False  # set by entering: the next step_begin is the case's first
+
+    def use_device(self, index: int) -> None:
+        self.device_index = index
+        self.device = f"cuda:{index}"
 
     def fingerprint(self) -> str:
         # torch's name and size only, so the fingerprint is the same with and without

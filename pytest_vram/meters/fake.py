@@ -20,9 +20,9 @@ time the meter is entered, so that the same library code runs as on real ones:
 A module first imported inside the meter keeps the fake tensors it makes at import (peft's LoHa
 default arguments): the plugin runs each case in a fresh child of a preloaded server.
 
-What cannot run on fake tensors is listed in ``pytest_vram.meters.FAKE_UNSUPPORTED`` and checked
-up front by ``FakeMeter.unsupported(spec)`` (torch-free: ``meters.unsupported("fake", spec)``);
-an op that reads tensor values at run time makes ``run_step`` raise ``Unsupported``.
+What is known not to run on fake tensors is checked up front, torch-free, by
+``FakeMeter.unsupported(spec)`` (``meters.limits.unsupported`` at collection); an op that
+reads tensor values at run time makes ``run_step`` raise ``Unsupported``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pytest_vram.errors import Unsupported
-from pytest_vram.meters.base import Roles
+from pytest_vram.meters import limits
+from pytest_vram.meters.base import FIXED_FINGERPRINTS, Meter, Roles
 from pytest_vram.meters.host import HostMeter, StorageLedger
 from pytest_vram.result import StepMeasure
 
@@ -111,9 +112,14 @@ def _forget(t: torch.Tensor) -> None:
 
 
 @final
-class FakeMeter:
+class FakeMeter(Meter):
+    """The host meter's counts for a step whose tensors hold no data."""
+
     name = "fake"
     device = "cpu"  # fake tensors say cpu; none of them holds memory
+    FINGERPRINT: Final = FIXED_FINGERPRINTS["fake"]  # sizes only: the same on every machine
+    # The DeepSpeed engine does not run under FakeTensorMode.
+    simulates_zero = True
 
     def __init__(self) -> None:
         self._host = HostMeter()
@@ -128,15 +134,13 @@ class FakeMeter:
         return self._host.ledger
 
     def fingerprint(self) -> str:
-        return "fake"
+        return self.FINGERPRINT
 
     @staticmethod
     def unsupported(spec: StepSpec) -> str | None:
         """Why ``spec`` cannot be traced on fake tensors (None if it can); torch-free as
-        ``pytest_vram.meters.unsupported("fake", spec)``, for collection."""
-        from pytest_vram.meters import unsupported
-
-        return unsupported("fake", spec)
+        ``pytest_vram.meters.limits.unsupported("fake", spec)``, for collection."""
+        return limits.unsupported(FakeMeter.name, spec)
 
     def __enter__(self) -> FakeMeter:
         self._patch(torch.utils, "swap_tensors", _swap_tensors)

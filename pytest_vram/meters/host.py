@@ -12,12 +12,12 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, final
+from typing import Any, Final, final
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_vram.meters.base import Roles
+from pytest_vram.meters.base import FIXED_FINGERPRINTS, HostOffloadTagging, Meter, Roles
 from pytest_vram.result import Breakdown, StepMeasure
 
 __all__ = ["HostMeter", "StorageLedger"]
@@ -218,11 +218,12 @@ def _walk(obj: Any, track: Callable[[torch.Tensor], object]) -> None:
 
 
 @final
-class HostMeter:
+class HostMeter(Meter, HostOffloadTagging):
     """Exact live tensor bytes on the CPU; deterministic for a given spec and seed."""
 
     name = "host"
     device = "cpu"
+    FINGERPRINT: Final = FIXED_FINGERPRINTS["host"]  # every CPU counts the same bytes
 
     def __init__(self) -> None:
         self.ledger = StorageLedger()
@@ -231,7 +232,7 @@ class HostMeter:
         self._noted: dict[str, set[int]] = {}
 
     def fingerprint(self) -> str:
-        return "host-cpu"
+        return self.FINGERPRINT
 
     def __enter__(self) -> HostMeter:
         # Storage.resize_ does not go through dispatch (torch's MemTracker patches it the same way).

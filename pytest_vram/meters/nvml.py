@@ -11,7 +11,11 @@ import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final, final
+from typing import Any, final
+
+from pytest_vram import cuda_visible
+from pytest_vram.cuda_visible import UUID_PREFIXES
+from pytest_vram.errors import missing_library
 
 __all__ = [
     "DeviceInfo",
@@ -24,9 +28,6 @@ __all__ = [
     "nvml_index",
     "nvml_unavailable",
 ]
-
-INSTALL_HINT: Final = "pip install 'pytest-vram[gpu]'"
-_UUID_PREFIXES: Final = ("GPU-", "MIG-")
 
 _init_lock = threading.Lock()
 _initialised_pid: int | None = None
@@ -60,7 +61,8 @@ def nvml_unavailable() -> str | None:
     try:
         import pynvml
     except ImportError:
-        return f"nvidia-ml-py is not installed: {INSTALL_HINT}"
+        # pytest-vram's gpu extra is this one requirement; pip knows pynvml as nvidia-ml-py.
+        return missing_library("nvidia-ml-py", "'pytest-vram[gpu]'")
     except Exception as exc:  # a broken install fails while importing, not only later
         return f"nvidia-ml-py could not be imported: {error_text(exc)}"
     nvml_error = getattr(pynvml, "NVMLError", None)
@@ -88,43 +90,36 @@ def cuda_version_string(code: int) -> str:
 def nvml_index(torch_index: int, visible: str | None) -> int | str:
     """The NVML device behind torch's device ``torch_index``: an NVML index, or a UUID to look up.
 
-    ``visible`` is CUDA_VISIBLE_DEVICES. CUDA numbers only the devices it lists, in its order,
-    and ignores the list from its first invalid entry on. Entries are CUDA indices or GPU-/MIG-
-    UUIDs (or unique prefixes of them). A CUDA index is NVML's index when CUDA_DEVICE_ORDER is
-    PCI_BUS_ID or the GPUs are all alike; CUDA's default order puts the fastest first, so the
-    cuda meter looks devices up by the UUID torch reports instead, when torch has one.
+    ``visible`` is CUDA_VISIBLE_DEVICES, read by CUDA's rules (``cuda_visible.read``): its
+    entries are CUDA indices or GPU-/MIG- UUIDs (or unique prefixes of them). A CUDA index is
+    NVML's index when CUDA_DEVICE_ORDER is PCI_BUS_ID or the GPUs are all alike; CUDA's default
+    order puts the fastest first, so the cuda meter looks devices up by the UUID torch reports
+    instead, when torch has one.
     """
     if torch_index < 0:
         raise ValueError(f"torch device index {torch_index} is negative")
-    if visible is None:
+    devices = cuda_visible.read(visible).devices
+    if devices is None:  # unset: CUDA numbers every device as NVML does
         return torch_index
-    entries: list[int | str] = []
-    for raw in visible.split(","):
-        entry = raw.strip()
-        if entry.isdigit():
-            entries.append(int(entry))
-        elif entry.startswith(_UUID_PREFIXES) and len(entry) > 4:
-            entries.append(entry)
-        else:
-            break
-    if torch_index >= len(entries):
+    if torch_index >= len(devices):
         raise ValueError(
-            f"torch device {torch_index} is not visible: CUDA_VISIBLE_DEVICES={visible!r} "
-            f"makes {len(entries)} device(s) visible"
+            f"torch device {torch_index} is not visible: {cuda_visible.VARIABLE}={visible!r} "
+            f"makes {len(devices)} device(s) visible"
         )
-    return entries[torch_index]
+    device = devices[torch_index]
+    return device if device.startswith(UUID_PREFIXES) else int(device)
 
 
 def _target(torch_index: int, uuid: str | None) -> int | str:
-    return uuid if uuid else nvml_index(torch_index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return uuid if uuid else nvml_index(torch_index, os.environ.get(cuda_visible.VARIABLE))
 
 
 def _handle(nvml: Any, target: int | str) -> Any:
     """The NVML handle of an NVML index, a full UUID, a bare one (torch's) or a UUID prefix."""
     if isinstance(target, int):
         return nvml.nvmlDeviceGetHandleByIndex(target)
-    full = target.startswith(_UUID_PREFIXES)
-    candidates = [target] if full else [p + target for p in _UUID_PREFIXES]
+    full = target.startswith(UUID_PREFIXES)
+    candidates = [target] if full else [p + target for p in UUID_PREFIXES]
     for uuid in candidates:
         try:
             return nvml.nvmlDeviceGetHandleByUUID(uuid)

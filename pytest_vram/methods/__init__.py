@@ -2,16 +2,21 @@
 
 A new method or optimizer is one small class in a module of this package, listed in that
 module's ``REGISTER``. Its ``options`` are declared defaults that also validate
-``StepSpec.method_options`` / ``optimizer_options``. The protocols below carry the default
-behaviour, so a class overrides only what its library does differently. Importing this package
-must stay torch-free: modules import torch, peft and friends inside their functions.
+``StepSpec.method_options`` / ``optimizer_options``. Everything the rest of the package needs to
+know about it (what ZeRO runs, what the fake meter cannot trace, which row of LLaMA-Factory's
+table it belongs to, ...) is a class attribute declared on the protocols below, so no module
+outside this package names methods or optimizers. The protocols carry the default behaviour and
+facts, so a class overrides only what its library does differently. Importing this package must
+stay torch-free: modules import torch, peft and friends inside their functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import importlib
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, final
 
 if TYPE_CHECKING:
     import torch
@@ -22,8 +27,11 @@ __all__ = [
     "METHODS",
     "OptionValue",
     "OPTIMIZERS",
+    "LlamaFactoryRow",
     "Method",
     "Optimizer",
+    "Trains",
+    "ZeroState",
     "extension_modules",
     "register",
     "restore",
@@ -36,6 +44,34 @@ _MODULES: Final = ("full", "freeze", "lora", "peft_methods", "quant", "optim", "
 
 # The type of a declared option default, and so of every value StepSpec accepts for it.
 OptionValue = int | float | str | bool | tuple[str, ...]
+
+
+class Trains(enum.Enum):
+    """What a method trains, for optimizers that pick their own parameters (GaLore, BAdam)."""
+
+    ALL_WEIGHTS = "every weight of the model"
+    SOME_WEIGHTS = "some of the model's own weights"
+    LORA = "LoRA adapters, whose parameter names contain 'lora'"
+    OTHER = "other adapters or virtual tokens"
+
+
+class LlamaFactoryRow(enum.Enum):
+    """The rows of LLaMA-Factory's estimate table (``references.LLAMA_FACTORY``) by the start
+    of their Method cell; a row's bits then pick one of its lines."""
+
+    FULL = "Full"
+    FREEZE_LORA = "Freeze/LoRA/GaLore/APOLLO/BAdam"
+    QLORA = "QLoRA"
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class ZeroState:
+    """An optimizer's footprint under ZeRO, for the simulated per-rank layout of the fake meter
+    (``zero.simulation``), which adds DeepSpeed's fp32 master copy itself."""
+
+    moment_bytes_per_param: int  # state per trainable parameter (AdamW: two fp32 moments)
+    step_temporaries_per_element: int  # fp32 tensors its step holds the size of what it steps
 
 
 def state_tensors(obj: Any, _depth: int = 0) -> Iterable[torch.Tensor]:
@@ -58,9 +94,25 @@ def state_tensors(obj: Any, _depth: int = 0) -> Iterable[torch.Tensor]:
             yield from state_tensors(value, _depth + 1)
 
 
+# The facts below have defaults that are right for a method or optimizer nobody described (a
+# user's own): ZeRO, GaLore and BAdam refuse it rather than guess, the fake meter tries it, and
+# LLaMA-Factory's table has no row for it. Every built-in declares each fact itself
+# (tests/test_method_declarations.py), so a forgotten one fails a test.
+
+
 class Method(Protocol):
+    kind: ClassVar[Literal["method"]] = "method"  # what the registry files it as
     name: str
     options: Mapping[str, OptionValue]
+    trains: ClassVar[Trains] = Trains.OTHER
+    # DeepSpeed wraps the torch optimizer over what this method trains, unchanged.
+    runs_under_zero: ClassVar[bool] = False
+    # Why the fake meter (tensors without values) cannot trace it, naming the library call.
+    fake_meter_blocker: ClassVar[str | None] = None
+    # FULL: the optimizer names the row (full training with GaLore is the Freeze/LoRA row).
+    llama_factory_row: ClassVar[LlamaFactoryRow | None] = None
+    # Bits per base weight once quantized (QLoRA: 4); None: the base keeps the run's precision.
+    base_weight_bits: ClassVar[int | None] = None
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         """Set what trains (and wrap the model if the method does); return the model to step."""
@@ -90,8 +142,20 @@ class Method(Protocol):
 
 
 class Optimizer(Protocol):
+    kind: ClassVar[Literal["optimizer"]] = "optimizer"
     name: str
     options: Mapping[str, OptionValue]
+    runs_under_zero: ClassVar[bool] = False
+    # None: no simulated ZeRO layout, so the fake meter cannot measure its ZeRO cases.
+    zero_state: ClassVar[ZeroState | None] = None
+    fake_meter_blocker: ClassVar[str | None] = None
+    # The row of full training with it (the table's Full rows are AdamW's).
+    llama_factory_row: ClassVar[
+        Literal[LlamaFactoryRow.FULL, LlamaFactoryRow.FREEZE_LORA] | None
+    ] = None
+    # The torch.optim class it is, built over the trainable parameters with its options as
+    # keyword arguments (LoRA+ hands it to peft); None: a library's own optimizer.
+    torch_class: ClassVar[str | None] = None
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any: ...
 
@@ -116,23 +180,21 @@ class Optimizer(Protocol):
         return None
 
 
-def _registry() -> tuple[dict[str, Method], dict[str, Optimizer]]:
-    methods: dict[str, Method] = {}
-    optimizers: dict[str, Optimizer] = {}
-    for name in _MODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
-        for entry in module.REGISTER:
-            table: dict[str, Any] = methods if Method in type(entry).__mro__ else optimizers
-            if entry.name in table:
-                raise RuntimeError(f"{entry.name!r} is registered twice")
-            table[entry.name] = entry
-    return methods, optimizers
-
-
-METHODS, OPTIMIZERS = _registry()
-
-
+METHODS: Final[dict[str, Method]] = {}
+OPTIMIZERS: Final[dict[str, Optimizer]] = {}
 _EXTENSIONS: list[str] = []
+
+
+def _table(entry: Method | Optimizer) -> dict[str, Any]:
+    """The registry an entry is filed in, by the kind it declares."""
+    if entry.kind == "method":
+        return METHODS
+    if entry.kind == "optimizer":
+        return OPTIMIZERS
+    raise TypeError(
+        f"{type(entry).__name__} declares kind={entry.kind!r}; an entry is a 'method' or an "
+        "'optimizer' (subclass Method or Optimizer)"
+    )
 
 
 def register(entry: Method | Optimizer, *, replace: bool = False) -> None:
@@ -141,13 +203,22 @@ def register(entry: Method | Optimizer, *, replace: bool = False) -> None:
     Call it at import time of an importable module: the worker child imports that module again
     before it runs a case, so the entry exists there too. ``replace=True`` swaps a built-in.
     """
-    table: dict[str, Any] = METHODS if Method in type(entry).__mro__ else OPTIMIZERS
+    table = _table(entry)
     if entry.name in table and not replace:
         raise ValueError(f"{entry.name!r} is already registered; pass replace=True to swap it")
     table[entry.name] = entry
     module = type(entry).__module__
     if module not in _EXTENSIONS and not module.startswith(f"{__name__}."):
         _EXTENSIONS.append(module)
+
+
+def _register_builtins() -> None:
+    for name in _MODULES:
+        for entry in importlib.import_module(f"{__name__}.{name}").REGISTER:
+            register(entry)
+
+
+_register_builtins()
 
 
 Snapshot = tuple[dict[str, Method], dict[str, Optimizer], list[str]]

@@ -4,7 +4,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, final
 
 from pytest_vram.errors import SpecError
-from pytest_vram.methods import Method, OptionValue
+from pytest_vram.methods import LlamaFactoryRow, Method, OptionValue, Trains
 
 if TYPE_CHECKING:
     import torch
@@ -18,6 +18,11 @@ class Freeze(Method):
 
     name = "freeze"
     options: Mapping[str, OptionValue] = {"trainable_layers": 2}
+    trains = Trains.SOME_WEIGHTS
+    runs_under_zero = True
+    fake_meter_blocker = None
+    llama_factory_row = LlamaFactoryRow.FREEZE_LORA
+    base_weight_bits = None
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         k = spec.method_option("trainable_layers")

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, final
 
-from pytest_vram import zoo
-from pytest_vram.methods import Optimizer, OptionValue, state_tensors
+from pytest_vram import methods, zoo
+from pytest_vram.errors import installed, missing_library
+from pytest_vram.methods import LlamaFactoryRow, Optimizer, OptionValue, Trains, state_tensors
 from pytest_vram.methods.optim import trainable
 
 if TYPE_CHECKING:
@@ -22,9 +23,11 @@ if TYPE_CHECKING:
 
     from pytest_vram.spec import StepSpec
 
-# Methods whose trainable params are all LoRA weights (names containing "lora"), which BAdam's
-# LoRA mode recognises. lora+ refuses every optimizer but adamw and sgd itself.
-_LORA_FAMILY: Final = ("lora", "dora", "pissa", "rslora", "qlora", "lora-8bit")
+_BNB_8BIT_MAPS: Final = (
+    "bitsandbytes' 8-bit optimizers build their quantization maps from tensor values at the "
+    "first step (functional.create_dynamic_map: torch.linspace(...).tolist()); fake tensors "
+    "hold no values"
+)
 
 
 def _needs_cuda(device: str, call: str) -> str | None:
@@ -37,13 +40,15 @@ class _Library(Optimizer):
     """An optimizer from a library that may be missing: (module, pip name) pairs it imports."""
 
     requires: tuple[tuple[str, str], ...] = ()
+    # DeepSpeed wraps plain torch optimizers here; none of these is one.
+    runs_under_zero = False
+    zero_state = None
+    torch_class = None
 
     def unsupported(self, spec: StepSpec, device: str) -> str | None:
-        import importlib.util
-
         for module, dist in self.requires:
-            if importlib.util.find_spec(module) is None:
-                return f"{self.name} needs {module}, which is not installed (pip install {dist})"
+            if not installed(module):
+                return missing_library(dist, dist, needed_by=f"{self.name} needs")
         return None
 
     def notes(self, optimizer: Any) -> tuple[str, ...]:
@@ -64,6 +69,8 @@ class Adafactor(_Library):
         "warmup_init": False,
         "beta1": 0.0,  # 0 means None: no exp_avg
     }
+    fake_meter_blocker = None
+    llama_factory_row = None
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
         from transformers.optimization import Adafactor
@@ -92,6 +99,8 @@ class _AdamW8bit(_Library):
     options: Mapping[str, OptionValue] = {"lr": 1e-4, "weight_decay": 0.0, "min_8bit_size": 4096}
     requires = (("bitsandbytes", "bitsandbytes"),)
     paged = False
+    fake_meter_blocker = _BNB_8BIT_MAPS
+    llama_factory_row = None
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
         from bitsandbytes.optim.adamw import AdamW8bit, PagedAdamW8bit
@@ -149,6 +158,7 @@ class _GaLore(_Library):
         "proj_type": "std",
     }
     requires: tuple[tuple[str, str], ...] = (("galore_torch", "galore-torch"),)
+    llama_factory_row = LlamaFactoryRow.FREEZE_LORA
 
     def param_groups(self, model: torch.nn.Module, spec: StepSpec) -> list[dict[str, Any]]:
         """As LLaMA-Factory (galore_target=all): the trainable 2-D weights of every linear
@@ -170,7 +180,7 @@ class _GaLore(_Library):
         return [{"params": rest}, {"params": galore, **projection}]
 
     def incompatible(self, spec: StepSpec) -> str | None:
-        if spec.method not in ("full", "freeze"):
+        if methods.METHODS[spec.method].trains not in (Trains.ALL_WEIGHTS, Trains.SOME_WEIGHTS):
             return (
                 "GaLore projects the gradients of the model's own weight matrices (full or "
                 f"freeze training); {spec.method} trains adapters or virtual tokens, where it "
@@ -183,6 +193,7 @@ class _GaLore(_Library):
 @final
 class GaLoreAdamW(_GaLore):
     name = "galore-adamw"
+    fake_meter_blocker = None
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
         from galore_torch import GaLoreAdamW
@@ -199,6 +210,7 @@ class GaLoreAdamW(_GaLore):
 class GaLoreAdamW8bit(_GaLore):
     name = "galore-adamw-8bit"
     requires = (("galore_torch", "galore-torch"), ("bitsandbytes", "bitsandbytes"))
+    fake_meter_blocker = _BNB_8BIT_MAPS
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
         from galore_torch import GaLoreAdamW8bit
@@ -232,6 +244,8 @@ class BAdam(_Library):
         "start_block": -1,  # -1: the switch mode's own start
     }
     requires = (("badam", "badam"),)
+    fake_meter_blocker = None
+    llama_factory_row = LlamaFactoryRow.FREEZE_LORA
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
         import torch
@@ -283,7 +297,8 @@ class BAdam(_Library):
         layers = config.get("text_config", config)["num_hidden_layers"]
         if start >= layers:
             return f"badam start_block={start} must be below the {layers} decoder layers"
-        if spec.method not in ("full", *_LORA_FAMILY):
+        # Its LoRA mode finds the params whose names contain "lora".
+        if methods.METHODS[spec.method].trains not in (Trains.ALL_WEIGHTS, Trains.LORA):
             return (
                 "BAdam's BlockOptimizer sets requires_grad itself, one decoder layer at a time "
                 "(all of its params, or only its LoRA params when names contain 'lora'), "
@@ -300,6 +315,8 @@ class _Lomo(_Library):
     options: Mapping[str, OptionValue] = {"lr": 1e-3, "weight_decay": 0.0}
     requires = (("lomo_optim", "lomo-optim"),)
     library_class: str  # Lomo or AdaLomo: the same constructor
+    fake_meter_blocker = None
+    llama_factory_row = None
 
     def backward_step(self, optimizer: Any, loss: torch.Tensor, spec: StepSpec) -> None:
         optimizer.fused_backward(loss, spec.optimizer_option("lr"))

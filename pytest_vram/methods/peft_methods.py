@@ -1,4 +1,4 @@
-"""peft's other adapter methods: LoRA variants, IA3 and the prompt-learning family.
+"""peft's other adapter methods: LoRA variants, IA3, VeRA and the prompt-learning family.
 
 Each is one peft config handed to ``get_peft_model``; LoRA+ differs from LoRA only in its
 optimizer, which peft's ``create_loraplus_optimizer`` builds.
@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, final
 
-from pytest_vram.methods import Method, Optimizer, OptionValue
-from pytest_vram.methods.lora import Lora, lora_config
+from pytest_vram import methods
+from pytest_vram.methods import Method, Optimizer, OptionValue, Trains
+from pytest_vram.methods.lora import LoraFamily, lora_config, target_modules
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["LORA_OPTIONS", "lora_config"]
 
 # The LoRA variants take LoRA's options (rank, alpha, dropout, targets) and their defaults.
-LORA_OPTIONS: Final[Mapping[str, OptionValue]] = dict(Lora.options)
+LORA_OPTIONS: Final[Mapping[str, OptionValue]] = dict(LoraFamily.options)
 
 
 def _peft(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module:
@@ -31,18 +32,17 @@ def _peft(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module:
 
 
 @final
-class Dora(Method):
+class Dora(LoraFamily):
     """DoRA: LoRA plus a trained magnitude vector per adapted Linear (peft ``use_dora``)."""
 
     name = "dora"
-    options = LORA_OPTIONS
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         return _peft(model, lora_config(spec, use_dora=True))
 
 
 @final
-class Pissa(Method):
+class Pissa(LoraFamily):
     """PiSSA: adapters initialised from the base weight's top singular vectors (and the base
     keeps the residual). ``niter`` > 0 is peft's fast randomised SVD, 0 the full SVD."""
 
@@ -60,22 +60,17 @@ class Pissa(Method):
 
 
 @final
-class RsLora(Method):
+class RsLora(LoraFamily):
     """rsLoRA: LoRA scaled by alpha / sqrt(rank); the same tensors as LoRA."""
 
     name = "rslora"
-    options = LORA_OPTIONS
 
     def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
         return _peft(model, lora_config(spec, use_rslora=True))
 
 
-# LoRA+ passes the spec's optimizer to peft as a torch class; its options map to these kwargs.
-_LORAPLUS_OPTIMIZERS: Final = {"adamw": "AdamW", "sgd": "SGD"}
-
-
 @final
-class LoraPlus(Method):
+class LoraPlus(LoraFamily):
     """LoRA+: LoRA whose B matrices learn ``loraplus_lr_ratio`` times faster (peft's
     ``create_loraplus_optimizer`` groups them); tensors and optimizer state are LoRA's."""
 
@@ -89,13 +84,12 @@ class LoraPlus(Method):
         import torch
         from peft.optimizers import create_loraplus_optimizer
 
-        cls = getattr(torch.optim, _LORAPLUS_OPTIMIZERS[spec.optimizer])
-        kwargs: dict[str, Any] = {"lr": spec.optimizer_option("lr")}
-        if spec.optimizer == "adamw":
+        assert optimizer.torch_class is not None  # incompatible() refused the others
+        cls = getattr(torch.optim, optimizer.torch_class)
+        kwargs: dict[str, Any] = {k: spec.optimizer_option(k) for k in optimizer.options}
+        if "weight_decay" in kwargs:
             # peft applies weight decay per group through this key, not the optimizer's own.
-            kwargs["loraplus_weight_decay"] = spec.optimizer_option("weight_decay")
-        else:
-            kwargs["momentum"] = spec.optimizer_option("momentum")
+            kwargs["loraplus_weight_decay"] = kwargs.pop("weight_decay")
         return create_loraplus_optimizer(
             model,  # type: ignore[arg-type]
             cls,
@@ -104,8 +98,8 @@ class LoraPlus(Method):
         )
 
     def incompatible(self, spec: StepSpec) -> str | None:
-        if spec.optimizer not in _LORAPLUS_OPTIMIZERS:
-            known = ", ".join(_LORAPLUS_OPTIMIZERS)
+        if methods.OPTIMIZERS[spec.optimizer].torch_class is None:
+            known = ", ".join(n for n, o in methods.OPTIMIZERS.items() if o.torch_class)
             return (
                 f"lora+ builds its param groups with peft's create_loraplus_optimizer around a "
                 f"torch optimizer class; optimizer {spec.optimizer!r} is not one of: {known}"
@@ -113,8 +107,19 @@ class LoraPlus(Method):
         return None
 
 
+class _Adapter(Method):
+    """A peft adapter that is not LoRA's: no ZeRO run, no row in LLaMA-Factory's table, and
+    parameter names BAdam's LoRA mode does not recognise."""
+
+    trains = Trains.OTHER
+    runs_under_zero = False
+    fake_meter_blocker = None
+    llama_factory_row = None
+    base_weight_bits = None
+
+
 @final
-class Ia3(Method):
+class Ia3(_Adapter):
     """IA3: learned scaling vectors on peft's default targets for the model type (llama:
     k_proj, v_proj and the feed-forward down_proj, scaled on its input)."""
 
@@ -143,7 +148,41 @@ class Ia3(Method):
         return _peft(model, config)
 
 
-class _PromptLearning(Method):
+@final
+class Vera(_Adapter):
+    """VeRA: one pair of frozen random projections (fp32 buffers ``vera_A``, ``vera_B``, sized
+    to the largest adapted Linear and sliced per layer) shared by every layer; each layer trains
+    only two scaling vectors, ``vera_lambda_d`` (rank) and ``vera_lambda_b`` (out features).
+    peft's defaults but for the targets, which are LoRA's here (peft: q_proj, v_proj)."""
+
+    name = "vera"
+    options: Mapping[str, OptionValue] = {
+        "rank": 256,
+        "targets": "all-linear",
+        "dropout": 0.0,
+        "d_initial": 0.1,
+        "projection_prng_key": 0,
+    }
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        from peft import VeraConfig
+
+        config = VeraConfig(
+            r=spec.method_option("rank"),
+            target_modules=target_modules(spec),
+            vera_dropout=spec.method_option("dropout"),
+            d_initial=spec.method_option("d_initial"),
+            projection_prng_key=spec.method_option("projection_prng_key"),
+            task_type="CAUSAL_LM",
+        )
+        return _peft(model, config)
+
+    def incompatible(self, spec: StepSpec) -> str | None:
+        rank = spec.method_option("rank")
+        return f"method_options: rank={rank} must be >= 1" if rank < 1 else None
+
+
+class _PromptLearning(_Adapter):
     """Virtual tokens trained in front of every sequence; the base model is frozen."""
 
     options: Mapping[str, OptionValue] = {"num_virtual_tokens": 20}
@@ -195,4 +234,4 @@ class Prompt(_PromptLearning):
     config_class = "PromptTuningConfig"
 
 
-REGISTER = [Dora(), Pissa(), RsLora(), LoraPlus(), Ia3(), Prefix(), PTuning(), Prompt()]
+REGISTER = [Dora(), Pissa(), RsLora(), LoraPlus(), Ia3(), Vera(), Prefix(), PTuning(), Prompt()]

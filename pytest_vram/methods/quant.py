@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_vram.errors import Unsupported
-from pytest_vram.methods import Method, OptionValue, state_tensors
+from pytest_vram.errors import Unsupported, installed, missing_library
+from pytest_vram.methods import LlamaFactoryRow, Method, OptionValue, Trains, state_tensors
 from pytest_vram.methods.lora import lora_config
 from pytest_vram.methods.peft_methods import LORA_OPTIONS
 
@@ -31,19 +31,19 @@ class _Quantized(Method):
     """Load the base through bitsandbytes, prepare it with peft for k-bit training, add LoRA."""
 
     options: Mapping[str, OptionValue] = LORA_OPTIONS
+    trains = Trains.LORA
+    llama_factory_row = LlamaFactoryRow.QLORA  # by base_weight_bits: LLaMA-Factory's 4 and 8
 
     def quantization_config(self, spec: StepSpec) -> BitsAndBytesConfig:
         raise NotImplementedError
 
     def unsupported(self, spec: StepSpec, device: str) -> str | None:
-        import importlib.util
-
         # bitsandbytes is not a dependency of pytest-vram; on CPU it runs (its own fallbacks).
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return (
-                f"{self.name} needs bitsandbytes: transformers' from_pretrained with a "
-                "BitsAndBytesConfig imports it to quantize"
+        if not installed("bitsandbytes"):
+            needs = missing_library(
+                "bitsandbytes", "'pytest-vram[quant]'", needed_by=f"{self.name} needs"
             )
+            return f"{needs}; transformers' from_pretrained with a BitsAndBytesConfig imports it"
         return None
 
     def build_model(self, spec: StepSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -124,6 +124,9 @@ class QLora(_Quantized):
 
     name = "qlora"
     options: Mapping[str, OptionValue] = {**LORA_OPTIONS, "double_quant": True}
+    base_weight_bits = 4
+    runs_under_zero = True
+    fake_meter_blocker = None  # build_fake rebuilds the 4-bit layers from their parts
 
     def quantization_config(self, spec: StepSpec) -> BitsAndBytesConfig:
         import torch
@@ -190,6 +193,13 @@ class Lora8bit(_Quantized):
     """LoRA on an LLM.int8() base: int8 weights with one fp32 scale per output row."""
 
     name = "lora-8bit"
+    base_weight_bits = 8
+    runs_under_zero = False
+    fake_meter_blocker = (
+        "bitsandbytes' Int8Params is a torch.Tensor subclass made with _make_subclass, which "
+        "cannot wrap a fake tensor (the fake meter rebuilds QLoRA's 4-bit layers around this, "
+        "not LLM.int8()'s)"
+    )
 
     def quantization_config(self, spec: StepSpec) -> BitsAndBytesConfig:
         from transformers import BitsAndBytesConfig

@@ -18,7 +18,7 @@ from typing import Any, Final
 import torch
 
 from pytest_vram import methods
-from pytest_vram.meters.base import Meter, Roles
+from pytest_vram.meters.base import HostOffloadTagging, Meter, Roles
 from pytest_vram.spec import StepSpec
 from pytest_vram.zero.config import ds_config
 
@@ -60,6 +60,8 @@ class ZeroTrainer:
         largest = max(p.numel() for p in model.parameters())
         self.config = ds_config(spec, largest)
         self.meter = meter
+        # A meter without tagging counts offloaded state wherever its storage is.
+        self.tagging = meter if isinstance(meter, HostOffloadTagging) else None
         self.method = methods.METHODS[spec.method]
         self.inner = optimizer
         self.offload_optimizer = spec.offload in ("optimizer", "both")
@@ -82,17 +84,15 @@ class ZeroTrainer:
         return engine
 
     def _offloaded(self, tensors: Iterable[torch.Tensor]) -> None:
-        mark = getattr(self.meter, "offloaded", None)
-        if mark is not None:
-            mark(list(tensors))
+        if self.tagging is not None:
+            self.tagging.offloaded(list(tensors))
 
     def _enter_inner_step(self) -> None:
         self._note()
-        scope = getattr(self.meter, "host_scope", None)
-        if self.offload_optimizer and scope is not None:
+        if self.offload_optimizer and self.tagging is not None:
             # The step runs on the host: its state and temporaries are host memory.
             self._host = contextlib.ExitStack()
-            self._host.enter_context(scope())
+            self._host.enter_context(self.tagging.host_scope())
 
     def _leave_inner_step(self) -> None:
         if self._host is not None:
@@ -165,9 +165,7 @@ class ZeroTrainer:
         )
 
     def _note(self) -> None:
-        note = getattr(self.meter, "note", None)
-        if note is not None:
-            note(self.roles())
+        self.meter.note(self.roles())
 
     def backward_step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -8,21 +8,20 @@ own meter. The case's result is the max over ranks, with every rank's result kep
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import importlib
-import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import socket
 import traceback
 from collections.abc import Callable, Sequence
 
 import torch
 
+from pytest_vram import processes
 from pytest_vram.errors import is_oom
-from pytest_vram.meters.base import Meter
+from pytest_vram.meters.base import DeviceIndexed, Meter
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
 from pytest_vram.zero.ops import set_accelerator
@@ -75,8 +74,8 @@ def _rank_main(
             # Each rank on its own device, chosen before the process group: nccl binds its
             # communicator to the current device, and every .cuda() call lands there.
             torch.cuda.set_device(rank)
-            meter.device_index = rank  # type: ignore[attr-defined]
-            meter.device = f"cuda:{rank}"
+            if isinstance(meter, DeviceIndexed):
+                meter.use_device(rank)
         for module in imports:  # the user's modules, after the fork (see worker._execute)
             importlib.import_module(module)
         import deepspeed
@@ -100,26 +99,15 @@ def run_ranks(
 ) -> MemoryResult:
     """Run ``body`` on ``spec.ranks`` forked processes; the result of the worst rank, with all.
 
-    Plain ``os.fork``: the case's child is a daemon process, which multiprocessing forbids to
-    have children. The ranks stay in the case's process group, so a timeout kills them too.
-    Fork from a process that has not computed yet (the worker's case child): a process whose
-    torch thread pools are running can hang in its forked ranks. ``imports`` are imported in
-    each rank after the fork."""
+    The ranks are plain forks (``processes.fork``: the case's child is a daemon process) and
+    stay in the case's process group, so a timeout kills them too. Fork from a process that has
+    not computed yet (the worker's case child): a process whose torch thread pools are running
+    can hang in its forked ranks. ``imports`` are imported in each rank after the fork."""
     port = _free_port()
     pids, conns = [], []
     for rank in range(spec.ranks):
-        recv, send = multiprocessing.Pipe(duplex=False)
-        pid = os.fork()
-        if pid == 0:  # the rank
-            recv.close()
-            code = 0
-            try:
-                _rank_main(rank, spec, meter, body, port, send, imports)
-            except BaseException:  # noqa: B036 - the message is sent; never return into the caller
-                code = 1
-            finally:
-                os._exit(code)
-        send.close()
+        main = functools.partial(_rank_main, rank, spec, meter, body, port, imports=imports)
+        pid, recv = processes.fork(main)
         pids.append(pid)
         conns.append(recv)
     results: dict[int, MemoryResult] = {}
@@ -129,15 +117,15 @@ def run_ranks(
         while waiting:
             for ready in multiprocessing.connection.wait(list(waiting.values())):
                 rank = next(r for r, c in waiting.items() if c is ready)
-                conn = waiting.pop(rank)
-                try:
-                    kind, payload = conn.recv()
-                except EOFError:
-                    _, status = os.waitpid(pids[rank], 0)
+                message = processes.receive(waiting.pop(rank))
+                if message is None:
+                    code = processes.reap(pids[rank])
                     pids[rank] = 0
+                    ended = ("was " if code < 0 else "") + processes.exit_text(code)
                     raise RuntimeError(
-                        f"rank {rank} of {spec.ranks} {_status(status)} before sending a result"
-                    ) from None
+                        f"rank {rank} of {spec.ranks} {ended} before sending a result"
+                    )
+                kind, payload = message
                 if kind != "ok":
                     raise rank_error(rank, spec.ranks, kind, payload)
                 results[rank] = MemoryResult.from_json(payload)
@@ -146,10 +134,9 @@ def run_ranks(
             conn.close()
         for pid in pids:
             if pid and len(results) < spec.ranks:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                processes.kill(pid)
             if pid:
-                os.waitpid(pid, 0)
+                processes.reap(pid)
     return combine(spec, [results[r] for r in range(spec.ranks)])
 
 
@@ -161,14 +148,6 @@ def rank_error(rank: int, ranks: int, kind: str, payload: str) -> Exception:
     if kind == "oom":
         return RankOutOfMemory(f"rank {rank} of {ranks} ran out of memory{last}\n{payload}")
     return RuntimeError(f"rank {rank} of {ranks} failed{last}\n{payload}")
-
-
-def _status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = signal.Signals(os.WTERMSIG(status))
-        hint = " (the OS out-of-memory killer sends this)" if sig == signal.SIGKILL else ""
-        return f"was killed by {sig.name}{hint}"
-    return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
 def combine(spec: StepSpec, ranks: list[MemoryResult]) -> MemoryResult:

@@ -41,19 +41,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
+from pytest_vram import methods
+from pytest_vram.methods import ZeroState
 from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.spec import StepSpec
 
 __all__ = ["plain", "simulate"]
 
 _WEIGHT_BYTES: Final = {"fp32": 4, "bf16": 2, "fp16": 2}
-# Optimizer state per trainable parameter besides the fp32 master copy.
-_MOMENT_BYTES: Final = {"adamw": 8, "sgd": 0}
 _FP32: Final = 4
 _FLOAT_ITEMSIZE: Final = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-# torch AdamW's single-tensor step holds two temporaries the size of what it steps
-# (exp_avg_sq.sqrt() and its quotient); SGD without momentum updates in place.
-_STEP_TEMPORARIES: Final = {"adamw": 2, "sgd": 0}
 # DeepSpeed's default stage3 sub_group_size: ZeRO-3 steps its fp32 partition in groups of this
 # many elements; ZeRO-1/2 step it whole.
 _SUB_GROUP: Final = 10**9
@@ -77,13 +74,13 @@ def model_bytes(traced: MemoryResult, w: int) -> int:
     return total
 
 
-def _rank(spec: StepSpec, traced: MemoryResult) -> tuple[Breakdown, int]:
+def _rank(spec: StepSpec, state: ZeroState, traced: MemoryResult) -> tuple[Breakdown, int]:
     """One rank's breakdown and the bytes it offloads to host memory."""
     assert spec.zero is not None
     n, w = spec.ranks, _WEIGHT_BYTES[spec.precision]
     psi = traced.trainable_params
     mixed = w < _FP32
-    moments = _MOMENT_BYTES[spec.optimizer] * psi
+    moments = state.moment_bytes_per_param * psi
     weights = model_bytes(traced, w)
     if spec.zero == 0:
         params = weights
@@ -107,12 +104,12 @@ def _rank(spec: StepSpec, traced: MemoryResult) -> tuple[Breakdown, int]:
         grad_bytes=grads,
         optimizer_bytes=optimizer,
         # The peak is the forward and backward's or the step's, whichever holds more.
-        activation_bytes=max(traced.breakdown.activation_bytes, _step_bytes(spec, psi)),
+        activation_bytes=max(traced.breakdown.activation_bytes, _step_bytes(spec, state, psi)),
     )
     return breakdown, host
 
 
-def _step_bytes(spec: StepSpec, psi: int) -> int:
+def _step_bytes(spec: StepSpec, state: ZeroState, psi: int) -> int:
     """Temporaries of the inner optimizer's step on this rank's fp32 partition (on the device
     unless the optimizer is offloaded; ZeRO-0 is not partitioned and measured below this)."""
     if spec.zero == 0 or spec.offload in ("optimizer", "both"):
@@ -120,16 +117,17 @@ def _step_bytes(spec: StepSpec, psi: int) -> int:
     stepped = psi // spec.ranks
     if spec.zero == 3:
         stepped = min(stepped, _SUB_GROUP)
-    return _STEP_TEMPORARIES[spec.optimizer] * _FP32 * stepped
+    return state.step_temporaries_per_element * _FP32 * stepped
 
 
 def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
     """Per-rank results for ``spec`` (zero set) from a trace of ``plain(spec)``."""
     if spec.zero is None:
         raise ValueError(f"simulate needs a ZeRO spec; {spec.label} has zero=None")
-    if spec.optimizer not in _MOMENT_BYTES or spec.precision not in _WEIGHT_BYTES:
+    state = methods.OPTIMIZERS[spec.optimizer].zero_state
+    if state is None or spec.precision not in _WEIGHT_BYTES:
         raise ValueError(f"no simulated ZeRO layout for {spec.optimizer} {spec.precision}")
-    breakdown, host = _rank(spec, traced)
+    breakdown, host = _rank(spec, state, traced)
     note = (
         f"simulated ZeRO-{spec.zero} layout over {spec.ranks} ranks: parameters, gradients and "
         "optimizer state as DeepSpeed partitions them; activations traced (forward and "

@@ -1,0 +1,202 @@
+"""``pytest-vram estimate MODEL [options]``: its arguments, the command, and its text and JSON
+output. What is estimated, and how, is ``estimate``; this module only asks and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any, Final
+
+from pytest_vram import references
+from pytest_vram.errors import SpecError, Unsupported
+from pytest_vram.estimate import Estimate, estimate_model
+from pytest_vram.result import GIB, gib
+
+__all__ = ["add_arguments", "capacity_line", "command", "json_object", "text_lines"]
+
+_WHY_TRACE: Final = (
+    "every tensor live at the step's peak: weights, gradients, optimizer state and the "
+    "activations of this batch and sequence, as the step allocates them"
+)
+_WHY_DEEPSPEED: Final = (
+    "model states only (fp16 params and grads, fp32 master and Adam state; every parameter "
+    "trained): no activations or temporaries; its CPU figure has a x1.5 safety factor"
+)
+_WHY_TABLE: Final = (
+    "a rule of thumb by method, bits and model size: no batch, sequence or optimizer term; "
+    "GB as printed"
+)
+_NO_TABLE_ROW: Final = "no row for this method, optimizer and precision"
+
+_SPEC_ARGS: Final = (
+    "method",
+    "optimizer",
+    "precision",
+    "batch",
+    "seq",
+    "attention",
+    "zero",
+    "offload",
+    "ranks",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None: StepSpec's own defaults apply, and it validates every value.
+    parser.add_argument("model", help="a zoo model name, or the path of a Hugging Face config.json")
+    parser.add_argument("--method", help="training method (default full)")
+    parser.add_argument("--optimizer", help="optimizer (default adamw)")
+    parser.add_argument("--precision", help="fp32, bf16, fp16, amp-bf16, amp-fp16 (default bf16)")
+    parser.add_argument("--batch", type=int, help="sequences per step (default 1)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
+    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
+    parser.add_argument(
+        "--attention",
+        help="sdpa or eager (default: sdpa, or eager for a model without sdpa, with a note)",
+    )
+    parser.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3")
+    parser.add_argument("--offload", help="with --zero: none, optimizer, param, both")
+    parser.add_argument("--ranks", type=int, help="with --zero: processes (GPUs on one node)")
+    parser.add_argument(
+        "--capacity-gb",
+        type=float,
+        help="device memory in GiB: print FITS or OUT OF MEMORY (exit status 1)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``pytest-vram estimate``: 0; 1 when --capacity-gb predicts out of memory; 2 when it
+    cannot estimate (a bad model or spec, a model transformers cannot build, a step the fake
+    meter cannot trace), with one line on stderr and no traceback."""
+    from pytest_vram import quiet
+
+    quiet.install(command=True)
+    try:
+        result = _estimate(args)
+    except Exception as exc:  # every way out is one line and status 2, not a traceback
+        print(f"pytest-vram estimate: {_one_line(exc, args.model)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(json_object(result), indent=2, sort_keys=True))
+    else:
+        print("\n".join(text_lines(result)))
+    headroom = result.headroom_bytes
+    return 1 if headroom is not None and headroom < 0 else 0
+
+
+def _estimate(args: argparse.Namespace) -> Estimate:
+    fields = {name: getattr(args, name) for name in _SPEC_ARGS if getattr(args, name) is not None}
+    capacity: float | None = args.capacity_gb
+    if capacity is not None and not capacity > 0:
+        raise SpecError(f"--capacity-gb={capacity!r} must be > 0")
+    capacity_bytes = None if capacity is None else int(capacity * GIB)
+    return estimate_model(args.model, capacity_bytes, grad_ckpt=args.grad_ckpt, **fields)
+
+
+def _one_line(exc: Exception, model: str) -> str:
+    """A refusal's message on one line; else the package whose frame raised, type, first line."""
+    if isinstance(exc, (SpecError, Unsupported)):
+        return " ".join(str(exc).split())
+    tb, where = exc.__traceback__, "pytest_vram"
+    while tb is not None:  # to the innermost frame: transformers', torch's
+        where, tb = tb.tb_frame.f_globals.get("__name__", where), tb.tb_next
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"model {model!r}: {where.partition('.')[0]} raised {type(exc).__name__}: {first}"
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def capacity_line(est: Estimate) -> str | None:
+    """FITS or OUT OF MEMORY against --capacity-gb; None without a capacity."""
+    headroom = est.headroom_bytes
+    if headroom is None or est.capacity_bytes is None:
+        return None
+    cap = f"capacity {gib(est.capacity_bytes):.2f} GiB"
+    if headroom >= 0:
+        return f"{cap}: FITS, {gib(headroom):.2f} GiB to spare"
+    return f"{cap}: OUT OF MEMORY predicted by {gib(-headroom):.2f} GiB"
+
+
+def text_lines(est: Estimate) -> Iterator[str]:
+    r = est.result
+    yield f"{est.spec.label}: one training step on the fake meter (shapes, no weights)"
+    if est.simulated:
+        yield f"  ZeRO-{est.spec.zero} per rank (max over {est.spec.ranks} ranks)"
+    for name, nbytes in r.breakdown.rows():
+        yield f"  {name:<29}{gib(nbytes):>10.2f} GiB"
+    yield f"  {'peak':<29}{r.peak_gib:>10.2f} GiB"
+    if r.host_offload_bytes:
+        yield f"  {'offloaded to host':<29}{gib(r.host_offload_bytes):>10.2f} GiB"
+    yield f"  params: {r.total_params:,} ({r.trainable_params:,} trained)"
+    for note in r.notes:
+        yield f"  note: {note}"
+    yield "compared with"
+    where = " per rank" if est.simulated else ""
+    yield f"  pytest-vram trace      {r.peak_gib:.2f} GiB peak{where}"
+    yield f"      {_WHY_TRACE}"
+    ds = est.deepspeed
+    if isinstance(ds, str):
+        yield f"  DeepSpeed estimator    n/a: {ds}"
+    else:
+        yield (
+            f"  DeepSpeed estimator    {gib(ds.gpu_bytes):.2f} GiB per GPU, "
+            f"{gib(ds.cpu_bytes):.2f} GiB per CPU ({ds.options}; {ds.gpus_per_node} GPU/node)"
+        )
+        yield f"      {_WHY_DEEPSPEED}"
+    table = est.llama_factory
+    if table is None:
+        yield f"  LLaMA-Factory table    n/a: {_NO_TABLE_ROW}"
+    else:
+        yield f"  LLaMA-Factory table    {table.gb:.4g} GB ({table.where})"
+        yield f"      {_WHY_TABLE}"
+        yield f"      source: {references.LLAMA_FACTORY_SOURCE}"
+    capacity = capacity_line(est)
+    if capacity:
+        yield capacity
+
+
+def json_object(est: Estimate) -> dict[str, Any]:
+    ds = est.deepspeed
+    table = est.llama_factory
+    headroom = est.headroom_bytes
+    return {
+        "result": est.result.to_dict(),
+        "zero_simulation": "per-rank" if est.simulated else None,
+        "base_params": est.base_params,
+        "columns": {
+            "pytest_vram": {"peak_bytes": est.result.peak_bytes, "why": _WHY_TRACE},
+            "deepspeed": (
+                {"unavailable": ds}
+                if isinstance(ds, str)
+                else {**dataclasses.asdict(ds), "why": _WHY_DEEPSPEED}
+            ),
+            "llama_factory": (
+                {"unavailable": _NO_TABLE_ROW}
+                if table is None
+                else {
+                    "gb": table.gb,
+                    "method": table.row.method,
+                    "bits": table.row.bits,
+                    "column_b": table.column,
+                    "source": references.LLAMA_FACTORY_SOURCE,
+                    "why": _WHY_TABLE,
+                }
+            ),
+        },
+        "capacity": (
+            None
+            if headroom is None
+            else {
+                "capacity_bytes": est.capacity_bytes,
+                "fits": headroom >= 0,
+                "headroom_bytes": headroom,
+                "message": capacity_line(est),
+            }
+        ),
+    }
