@@ -36,6 +36,6 @@ def mark_step(model: Any = None, optimizer: Any = None) -> None:
     ``optimizer.step()``, before ``zero_grad()``) so its breakdown sees the gradients."""
     import sys
 
-    step = sys.modules.get("pytest_vram.step")
+    step = sys.modules.get("pytest_vram.user_step")
     if step is not None:  # not imported: no measurement is running in this process
         step.mark_step(model, optimizer)

@@ -80,8 +80,8 @@ def locate(value: str) -> tuple[str, Path]:
         return value.rsplit("/", 1)[1], _hub_config(value)
     known = ", ".join(sorted(zoo.MODELS))
     raise SpecError(
-        f"unknown model {value!r}: neither a zoo model, a config.json, a folder holding one, "
-        f"nor a Hub id (owner/name); zoo models: {known}"
+        f"unknown model {value!r}; known: {known}; or a config.json, a folder holding one, or "
+        "a Hub id (owner/name)"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
@@ -96,11 +97,10 @@ def _positive_int(name: str, value: object) -> int:
 def _options(name: str, value: object, declared: Mapping[str, OptionValue], owner: str) -> Options:
     """Options are validated against what the method/optimizer declares, then frozen sorted."""
     given = value
-    if isinstance(value, tuple):  # the frozen form, from a spec or its JSON
-        try:
-            value = dict(value)
-        except (TypeError, ValueError):
-            value = None
+    if isinstance(value, tuple):  # the frozen form, from a spec: (name, value) pairs only
+        # dict() would also take any 2-character strings as pairs: ("ab",) is {"a": "b"}
+        pairs = all(isinstance(item, tuple) and len(item) == 2 for item in value)
+        value = dict(value) if pairs else None
     if not isinstance(value, Mapping):
         raise SpecError(f"{name}={given!r} must be a mapping of option name to value")
     for key in value:  # before sorting: keys of mixed types do not sort
@@ -136,6 +136,11 @@ def check_field(name: str, value: object) -> object:
             if not isinstance(value, str) or model_configs.is_key(value):
                 raise _known("model", value, zoo.MODELS)
             model_configs.read(value)  # a config of the user's: readable, or a SpecError
+    elif name == "deepspeed":
+        if value != "":
+            from pytest_vram.zero import user_config
+
+            user_config.stage_and_offload(user_config.load(value))
     elif name == "model_config":
         if not isinstance(value, str):
             raise SpecError(f"model_config={value!r} must be the config's JSON text")
@@ -203,13 +208,18 @@ class StepSpec:
     zero: int | None = None
     offload: str = "none"
     ranks: int = 1
+    # The user's DeepSpeed config (a path or a dict; kept as its canonical JSON), which sets
+    # zero and offload; "auto" values are filled in the rank as transformers' Trainer does.
+    deepspeed: str = ""
     # A model of the user's own config: its canonical JSON, ``model`` its key (model_configs).
     model_config: str = ""
 
     def __post_init__(self) -> None:
+        if self.deepspeed != "":
+            self._take_deepspeed()
         if self.model_config:
             model_configs.register(self.model, self.model_config)
-        elif self.model not in zoo.MODELS and isinstance(self.model, str):
+        elif isinstance(self.model, str) and self.model not in zoo.MODELS:
             if not model_configs.is_key(self.model):
                 key, text = model_configs.read(self.model)
                 object.__setattr__(self, "model", key)
@@ -233,6 +243,22 @@ class StepSpec:
         reason = self._zero_incompatible()
         if reason:
             raise SpecError(reason)
+
+    def _take_deepspeed(self) -> None:
+        from pytest_vram.zero import user_config
+
+        config = user_config.load(self.deepspeed)
+        stage, offload = user_config.stage_and_offload(config)
+        for name, given, read in (("zero", self.zero, stage), ("offload", self.offload, offload)):
+            unset = given is None if name == "zero" else given == "none"
+            if not unset and given != read:
+                raise SpecError(
+                    f"{name}={given!r} contradicts deepspeed=, whose config gives {name}={read!r}; "
+                    f"give one of them"
+                )
+        object.__setattr__(self, "deepspeed", user_config.canonical(config))
+        object.__setattr__(self, "zero", stage)
+        object.__setattr__(self, "offload", offload)
 
     def _zero_incompatible(self) -> str | None:
         if self.offload in OFFLOAD_STAGES:
@@ -300,6 +326,9 @@ class StepSpec:
             parts.append("ckpt")
         if self.attention != "sdpa":
             parts.append(self.attention)
+        if self.deepspeed:
+            digest = hashlib.sha256(self.deepspeed.encode()).hexdigest()[:8]
+            parts.append(f"ds@{digest}")
         if self.zero is not None:
             parts.append(f"zero{self.zero}")
             if self.offload != "none":
@@ -313,8 +342,9 @@ class StepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if not self.model_config:  # zoo models: baselines as they were before the field
-            del data["model_config"]
+        for optional in ("model_config", "deepspeed"):  # baselines as before these fields
+            if not data[optional]:
+                del data[optional]
         data["method_options"] = {k: _jsonable(v) for k, v in self.method_options}
         data["optimizer_options"] = {k: _jsonable(v) for k, v in self.optimizer_options}
         return data

@@ -25,7 +25,7 @@ from pytest_vram.spec import StepSpec
 if TYPE_CHECKING:
     from pytest_vram.zero import engine
 
-__all__ = ["library_versions", "mark_step", "measure_fn", "roles_of", "run_step"]
+__all__ = ["library_versions", "result_of", "roles_of", "run_step"]
 
 _LIBRARIES = ("torch", "transformers", "peft", "pytest-vram")
 # Weights' dtype; amp-* keeps fp32 weights (the master copy) and autocasts the compute.
@@ -102,7 +102,7 @@ def _dtype_bytes(params: Sequence[torch.Tensor]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _result(
+def result_of(
     label: str,
     spec: StepSpec | None,
     meter: Meter,
@@ -269,61 +269,7 @@ def _run(spec: StepSpec, meter: Meter, simulation_trace: bool = False) -> Memory
             steps.append(meter.step_end(trainer.roles()))
             trainer.zero_grad()
             del loss, inputs
-        result = _result(spec.label, spec, meter, steps, model, trainer.notes())
+        result = result_of(spec.label, spec, meter, steps, model, trainer.notes())
     # A snapshot is written when the meter exits.
     snapshot = snapshots.snapshot_path if snapshots is not None else None
     return dataclasses.replace(result, zero_config=trainer.config, snapshot_path=snapshot)
-
-
-@dataclasses.dataclass
-class _Windows:
-    meter: Meter
-    steps: list[StepMeasure] = dataclasses.field(default_factory=list)
-
-
-_OPEN: list[_Windows] = []
-
-
-def mark_step(
-    model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None
-) -> None:
-    """End a step inside a function run by ``vram.measure``, as run_step does for its steps.
-
-    Call it after ``optimizer.step()`` and before ``zero_grad()``: the breakdown of that step's
-    peak is then read while its gradients and optimizer state are still held. Outside
-    ``vram.measure`` it does nothing, so training code can keep the call.
-    """
-    if _OPEN:
-        windows = _OPEN[-1]
-        windows.steps.append(windows.meter.step_end(roles_of(model, optimizer)))
-        windows.meter.step_begin()
-
-
-def measure_fn(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], meter: Meter
-) -> MemoryResult:
-    """Run a user's function under the meter.
-
-    Without ``mark_step`` calls the whole function is one step, whose breakdown comes from
-    what ``fn`` returns (``model`` or ``(model, optimizer)``), read when it returns: tensors
-    freed before then (gradients after ``zero_grad``) count as activations and temporaries.
-    """
-    windows = _Windows(meter)
-    with meter:
-        _OPEN.append(windows)
-        try:
-            meter.step_begin()
-            out = fn(*args, **kwargs)
-        finally:
-            _OPEN.pop()
-        model, optimizer = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
-        if not isinstance(model, torch.nn.Module):
-            model = None
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            optimizer = None
-        tail = meter.step_end(roles_of(model, optimizer))
-        # After the last mark_step the tail only matters if it holds the peak.
-        if not windows.steps or tail.peak_bytes > max(s.peak_bytes for s in windows.steps):
-            windows.steps.append(tail)
-        label = f"{fn.__module__}.{fn.__qualname__}"
-        return _result(label, None, meter, windows.steps, model)

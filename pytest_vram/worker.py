@@ -143,7 +143,8 @@ def _execute(job: Job) -> MemoryResult:
     import importlib
 
     from pytest_vram.meters import make_meter
-    from pytest_vram.step import measure_fn, run_step
+    from pytest_vram.step import run_step
+    from pytest_vram.user_step import measure_fn
     from pytest_vram.zero import ops
 
     on_gpu = job.meter == "cuda"

@@ -198,7 +198,7 @@ def test_config_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["no-such-model"], "unknown model 'no-such-model': neither a zoo model, a config.json"),
+        (["no-such-model"], "unknown model 'no-such-model'; known: "),
         (["tiny-llama", "--method", "nope"], "unknown method 'nope'"),
         (["tiny-llama", "--offload", "both"], "offload='both' needs zero=3; got zero=None"),
         (["tiny-llama", "--zero", "2", "--offload", "param"], "needs zero=3; got zero=2"),

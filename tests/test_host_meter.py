@@ -24,7 +24,8 @@ from pytest_vram.meters.base import Roles
 from pytest_vram.meters.host import HostMeter
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
-from pytest_vram.step import measure_fn, run_step
+from pytest_vram.step import run_step
+from pytest_vram.user_step import measure_fn
 from pytest_vram.worker import Job, Worker
 
 F32 = 4  # bytes

@@ -22,7 +22,7 @@ from pytest_vram import zoo  # noqa: E402
 from pytest_vram.integrations import VramCallback  # noqa: E402
 from pytest_vram.meters.host import HostMeter  # noqa: E402
 from pytest_vram.result import MemoryResult  # noqa: E402
-from pytest_vram.step import measure_fn  # noqa: E402
+from pytest_vram.user_step import measure_fn  # noqa: E402
 
 F32 = 4
 VOCAB = 2048  # tiny-llama's

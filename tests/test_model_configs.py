@@ -93,7 +93,10 @@ def test_a_hand_edited_config_is_refused_naming_the_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("write", "message"),
     [
-        (None, r"unknown model '.*nothing-here': neither a zoo model, a config.json"),
+        (
+            None,
+            r"unknown model '.*nothing-here'; known: .*; or a config.json, a folder holding one",
+        ),
         ("empty-folder", r"the folder holds no config.json"),
         ("{not json", r"not a readable config.json"),
         ('{"hidden_size": 8}', r"a config.json needs a string 'model_type'"),

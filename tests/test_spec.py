@@ -186,3 +186,11 @@ def test_ranks_without_zero_names_the_stages() -> None:
     with pytest.raises(SpecError) as info:
         StepSpec(model="tiny-llama", ranks=2)
     assert str(info.value) == "ranks=2 needs zero=0, 1, 2 or 3; got zero=None (no DeepSpeed)"
+
+
+def test_options_given_as_a_tuple_must_be_name_value_pairs() -> None:
+    # dict(("00", "00")) would read each 2-character string as a pair: {"0": "0"}.
+    with pytest.raises(SpecError, match=r"method_options=\('00', '00'\) must be a mapping"):
+        StepSpec(model="tiny-llama", method_options=("00", "00"))
+    spec = StepSpec(model="tiny-llama", method="lora", method_options=(("rank", 4),))
+    assert spec.method_option("rank") == 4

@@ -12,8 +12,10 @@ _FOREVER: Final = 10**9
 
 
 def ds_config(spec: StepSpec, largest_param_numel: int) -> dict[str, Any]:
-    """The DeepSpeed config for ``spec``. Buckets are sized to the model: DeepSpeed's defaults
-    (5e8 elements) pre-allocate buffers that would dwarf a small model and say nothing about it."""
+    """The DeepSpeed config for ``spec`` given as zero= and offload=. Buckets are sized to the
+    model: DeepSpeed's defaults (5e8 elements) pre-allocate buffers that would dwarf a small
+    model and say nothing about it. A user's own config (``deepspeed=``) is
+    ``user_config.resolve``'s."""
     assert spec.zero is not None
     bucket = max(largest_param_numel, 2**16)
     zero: dict[str, Any] = {

@@ -20,6 +20,7 @@ import torch
 from pytest_vram import methods
 from pytest_vram.meters.base import HostOffloadTagging, Meter, Roles
 from pytest_vram.spec import StepSpec
+from pytest_vram.zero import user_config
 from pytest_vram.zero.config import ds_config
 
 __all__ = ["ZeroTrainer"]
@@ -58,7 +59,14 @@ class ZeroTrainer:
         import deepspeed
 
         largest = max(p.numel() for p in model.parameters())
-        self.config = ds_config(spec, largest)
+        if spec.deepspeed:
+            self.config = user_config.resolve(spec, model)
+            # DeepSpeed refuses a torch optimizer under optimizer offload unless told; accelerate
+            # swaps in DeepSpeedCPUAdam there, which keeps the same fp32 moments on the host.
+            if spec.offload in ("optimizer", "both"):
+                self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+        else:
+            self.config = ds_config(spec, largest)
         self.meter = meter
         # A meter without tagging counts offloaded state wherever its storage is.
         self.tagging = meter if isinstance(meter, HostOffloadTagging) else None
