@@ -23,12 +23,17 @@ from typing import Any, Final
 from pytest_vram import zoo
 from pytest_vram.errors import SpecError
 
-__all__ = ["KEY", "canonical", "is_key", "locate", "read", "register", "shape"]
+__all__ = ["KEY", "canonical", "is_key", "locate", "zoo_names", "read", "register", "shape"]
 
 # Written by every save, and say nothing about memory: kept out of the hash.
 _IGNORED: Final = ("_name_or_path", "transformers_version")
 KEY: Final = re.compile(r"^(?P<name>[A-Za-z0-9._+-]+)@(?P<hash>[0-9a-f]{8})$")
 _HUB_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def zoo_names() -> list[str]:
+    """The zoo's own models, without the configs this process has entered since."""
+    return sorted(name for name in zoo.MODELS if not is_key(name))
 
 
 def is_key(value: object) -> bool:
@@ -78,7 +83,7 @@ def locate(value: str) -> tuple[str, Path]:
         return named, path
     if _HUB_ID.match(value):
         return value.rsplit("/", 1)[1], _hub_config(value)
-    known = ", ".join(sorted(zoo.MODELS))
+    known = ", ".join(zoo_names())
     raise SpecError(
         f"unknown model {value!r}; known: {known}; or a config.json, a folder holding one, or "
         "a Hub id (owner/name)"

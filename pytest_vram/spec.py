@@ -134,7 +134,7 @@ def check_field(name: str, value: object) -> object:
     if name == "model":
         if not _is_one_of(value, zoo.MODELS):
             if not isinstance(value, str) or model_configs.is_key(value):
-                raise _known("model", value, zoo.MODELS)
+                raise _known("model", value, tuple(model_configs.zoo_names()))
             model_configs.read(value)  # a config of the user's: readable, or a SpecError
     elif name == "deepspeed":
         if value != "":
@@ -293,10 +293,11 @@ class StepSpec:
             raise SpecError("model is required, e.g. model='tiny-llama'")
         return cls(**kwargs)
 
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        # Rebuilt through __post_init__ in the worker child: a model of the user's config is
-        # entered in that process's zoo on the way in.
-        return (StepSpec.from_json, (self.to_json(),))
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        # The worker child enters a model of the user's config in its own zoo on the way in;
+        # the rest was validated here, and the user's registered methods are not imported
+        # there yet when the job is unpickled.
+        return (_restore, (dict(self.__dict__),))
 
     def method_option(self, name: str) -> Any:
         return dict(self.method_options).get(name, methods.METHODS[self.method].options[name])
@@ -359,6 +360,15 @@ class StepSpec:
     @classmethod
     def from_json(cls, text: str) -> StepSpec:
         return cls.from_dict(json.loads(text))
+
+
+def _restore(state: dict[str, Any]) -> StepSpec:
+    if state.get("model_config"):
+        model_configs.register(state["model"], state["model_config"])
+    spec = object.__new__(StepSpec)
+    for name, value in state.items():
+        object.__setattr__(spec, name, value)
+    return spec
 
 
 def _fmt_value(value: OptionValue) -> str:
