@@ -60,6 +60,7 @@ PYTEST_PROCESS_MODULES: Final = (
     "pytest_vram.gpus",
     "pytest_vram.model_configs",
     "pytest_vram.meters.limits",
+    "pytest_vram.zero.user_config",
 )
 
 # An import edge: (importing module, imported module) -> where, as "path:line".
