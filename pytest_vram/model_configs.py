@@ -119,14 +119,15 @@ def register(key: str, text: str) -> None:
         raise SpecError(f"model={key!r} with a model_config must be a key <name>@<8 hex digits>")
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # TypeError: not even text
         raise SpecError(f"model_config of {key!r} is not JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise SpecError(f"model_config of {key!r} needs a string 'model_type'")
-    if _digest(canonical(data)) != match["hash"]:
+    text = canonical(data)
+    if _digest(text) != match["hash"]:
         raise SpecError(
-            f"model_config does not match model={key!r} (its hash is {_digest(canonical(data))}): "
+            f"model_config does not match model={key!r} (its hash is {_digest(text)}): "
             "a hand-edited baseline? refresh it"
         )
     if key not in zoo.MODELS:
-        zoo.enter(key, shape(key, canonical(data)))
+        zoo.enter(key, shape(key, text))

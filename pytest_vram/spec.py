@@ -226,7 +226,14 @@ class StepSpec:
                 object.__setattr__(self, "model_config", text)
                 model_configs.register(key, text)
         for field in dataclasses.fields(self):
-            if field.name not in ("method_options", "optimizer_options"):
+            # options are checked against their owner below; deepspeed and model_config
+            # were read and entered above
+            if field.name not in (
+                "method_options",
+                "optimizer_options",
+                "deepspeed",
+                "model_config",
+            ):
                 check_field(field.name, getattr(self, field.name))
         method = methods.METHODS[self.method]
         optimizer = methods.OPTIMIZERS[self.optimizer]

@@ -127,22 +127,27 @@ def test_trainer_lora_counts_only_the_adapters(tmp_path: Path) -> None:
     assert b.activation_bytes > b.optimizer_bytes
 
 
-def sft_step(out: Path) -> torch.nn.Module:
+def trl_step(trainer: str, config: str, out: Path, data: Dataset, **extra: Any) -> Any:
+    """Two steps of a TRL trainer on tiny-llama, with the callback; the trained model."""
     trl = pytest.importorskip("trl")
-    data = Dataset.from_dict({"text": [text(i, SEQ) for i in range(8)]})
-    trainer = trl.SFTTrainer(
+    run = getattr(trl, trainer)(
         model=model(),
-        args=trl.SFTConfig(**arguments(out, max_length=SEQ)),
+        args=getattr(trl, config)(**arguments(out, max_length=SEQ)),
         train_dataset=data,
         processing_class=tokenizer(),
         callbacks=[VramCallback()],
+        **extra,
     )
-    trainer.train()
-    return trainer.model
+    run.train()
+    return run.model
+
+
+def sft_step(out: Path) -> torch.nn.Module:
+    data = Dataset.from_dict({"text": [text(i, SEQ) for i in range(8)]})
+    return trl_step("SFTTrainer", "SFTConfig", out, data)
 
 
 def dpo_step(out: Path) -> torch.nn.Module:
-    trl = pytest.importorskip("trl")
     data = Dataset.from_dict(
         {
             "prompt": [text(i, 8) for i in range(8)],
@@ -150,16 +155,7 @@ def dpo_step(out: Path) -> torch.nn.Module:
             "rejected": [text(200 + i, 8) for i in range(8)],
         }
     )
-    trainer = trl.DPOTrainer(
-        model=model(),
-        ref_model=model(),
-        args=trl.DPOConfig(**arguments(out, max_length=SEQ)),
-        train_dataset=data,
-        processing_class=tokenizer(),
-        callbacks=[VramCallback()],
-    )
-    trainer.train()
-    return trainer.model
+    return trl_step("DPOTrainer", "DPOConfig", out, data, ref_model=model())
 
 
 @pytest.fixture(scope="module")
