@@ -24,7 +24,7 @@ _OOM_TEXTS: Final = ("can't allocate memory", "CUDA out of memory", "CUDA error:
 
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory error, of the host or of a GPU."""
-    if isinstance(exc, MemoryError):  # zero.ranks.RankOutOfMemory is one
+    if isinstance(exc, MemoryError):  # ranks.RankOutOfMemory is one
         return True
     text = str(exc)
     return type(exc).__name__ == "OutOfMemoryError" or any(t in text for t in _OOM_TEXTS)

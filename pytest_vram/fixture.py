@@ -11,7 +11,13 @@ import pytest
 
 from pytest_vram import gpus, invariants
 from pytest_vram.errors import SpecError
-from pytest_vram.marker import MarkerArgs, check_capacity, check_device, check_step_names
+from pytest_vram.marker import (
+    MarkerArgs,
+    check_capacity,
+    check_device,
+    check_ranks,
+    check_step_names,
+)
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
 from pytest_vram.worker import CaseFailure, Job
@@ -69,29 +75,38 @@ class Recorder:
         except SpecError as exc:
             error = f"vram.step: {exc}"
         else:
-            devices = self._session.gpu_devices
-            if devices is not None and meter == "cuda":
-                worker = getattr(self._item.config, "workerinput", {}).get("workerid", "master")
-                reason = gpus.skip_reason(spec.ranks, devices, worker)
-                if reason:
-                    pytest.skip(f"{reason} [{spec.label}]")
+            self._skip_without_gpus(meter, spec.ranks, spec.label)
             job = self._session.job(meter, spec=spec, imports=self._imports())
             return self._run(job, capacity)
         pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
-    def measure(self, fn: Any, *args: Any, **kwargs: Any) -> MemoryResult:
-        """Run an importable function in the isolated child under the meter."""
+    def measure(self, fn: Any, *args: Any, ranks: int | None = None, **kwargs: Any) -> MemoryResult:
+        """Run an importable function in the isolated child under the meter; with ``ranks=N``
+        on N ranks with the environment torchrun gives (``RANK``, ``LOCAL_RANK``,
+        ``WORLD_SIZE``, ``MASTER_ADDR``, ...), each measured, one GPU each under ``--gpu``."""
         __tracebackhide__ = True
-        job = self._session.job(
-            self._device, fn=fn, args=args, kwargs=kwargs, imports=self._imports()
-        )
         try:
+            if ranks is not None:
+                ranks = check_ranks(ranks)
+            job = self._session.job(
+                self._device, fn=fn, args=args, kwargs=kwargs, imports=self._imports(), ranks=ranks
+            )
             job.check_picklable()
         except SpecError as exc:
-            error = str(exc)
+            error = f"vram.measure: {exc}"
         else:
+            self._skip_without_gpus(job.meter, ranks or 1, job.label)
             return self._run(job, self._capacity_bytes)
         pytest.fail(error, pytrace=False)
+
+    def _skip_without_gpus(self, meter: str, ranks: int, label: str) -> None:
+        __tracebackhide__ = True
+        devices = self._session.gpu_devices
+        if devices is not None and meter == "cuda":
+            worker = getattr(self._item.config, "workerinput", {}).get("workerid", "master")
+            reason = gpus.skip_reason(ranks, devices, worker)
+            if reason:
+                pytest.skip(f"{reason} [{label}]")
 
     def _imports(self) -> tuple[str, ...]:
         from pytest_vram.methods import extension_modules

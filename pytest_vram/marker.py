@@ -18,6 +18,7 @@ __all__ = [
     "MarkerArgs",
     "check_capacity",
     "check_device",
+    "check_ranks",
     "check_step_names",
     "help_line",
     "parse_marker",
@@ -106,6 +107,13 @@ def check_capacity(value: object) -> int:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
         raise SpecError(f"capacity_gb={value!r} must be > 0 (GiB of device memory)")
     return parse_size("capacity_gb", value)
+
+
+def check_ranks(value: object) -> int:
+    """``vram.measure(..., ranks=N)``: how many ranks run the user's function."""
+    check_field("ranks", value)
+    assert isinstance(value, int)
+    return value
 
 
 def check_device(value: object) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import platform
 from collections.abc import Callable, Sequence
@@ -216,9 +217,10 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
                 f"zero={spec.zero} runs DeepSpeed, which is not installed: "
                 "pip install 'pytest-vram[zero]'"
             )
-        from pytest_vram.zero import ranks
+        from pytest_vram import ranks
 
-        return ranks.run_ranks(spec, meter, _run, rank_imports)
+        body = functools.partial(_run, spec)
+        return ranks.run_ranks(spec.ranks, spec.label, meter, body, rank_imports, start_group=True)
     return _run(spec, meter)
 
 

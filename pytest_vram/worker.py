@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Final, Literal, final
 
 from pytest_vram import processes
+from pytest_vram.calls import call_label
 from pytest_vram.errors import SpecError, is_oom
 from pytest_vram.forksafe import ARM_VARIABLE, NVML_CHECK
 from pytest_vram.result import MemoryResult
@@ -61,7 +62,7 @@ RANK_PARENT_MODULES: Final = (
     "pytest_vram.meters",
     "pytest_vram.methods",
     "pytest_vram.stages",
-    "pytest_vram.zero.ranks",
+    "pytest_vram.ranks",
     "pytest_vram.zero.engine",
 )
 # Set for the cuda server: is_available()/device_count() ask NVML and leave fork usable.
@@ -89,7 +90,11 @@ FailureKind = Literal["crash", "timeout", "oom", "error", "spec", "unsupported"]
 @final
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One case: a StepSpec, or an importable function with its arguments."""
+    """One case: a StepSpec, or an importable function with its arguments (``ranks``: run it on
+    that many ranks with torchrun's environment).
+
+    The function and its arguments travel pickled, as bytes: the user's module is imported
+    where the call is unpickled, after the fork that needs it (a GPU rank), not before."""
 
     meter: str
     spec: StepSpec | None = None
@@ -99,13 +104,17 @@ class Job:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Modules that register methods/optimizers (pytest_vram.methods.register): imported first.
     imports: tuple[str, ...] = ()
+    ranks: int | None = None
 
     @property
     def label(self) -> str:
         if self.spec is not None:
             return self.spec.label
+        sent: str | None = self.__dict__.get("_label")
+        if sent is not None:
+            return sent
         assert self.fn is not None
-        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+        return call_label(self.fn, self.args, self.kwargs, self.ranks)
 
     def check_picklable(self) -> None:
         """A local function or lambda cannot reach the child; say so before forking."""
@@ -116,6 +125,24 @@ class Job:
                 f"vram.measure needs an importable module-level function and picklable "
                 f"arguments; {self.label} cannot be sent to the worker: {exc}"
             ) from None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.fn is not None:
+            state.update(fn=None, args=(), kwargs={}, _label=self.label)
+            state["_call"] = pickle.dumps((self.fn, self.args, self.kwargs))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)  # frozen: no __setattr__
+
+    @property
+    def call(self) -> bytes | None:
+        """The pickled ``(fn, args, kwargs)``, for ``unpickle_call`` where it runs."""
+        if "_call" in self.__dict__:
+            call: bytes = self.__dict__["_call"]
+            return call
+        return pickle.dumps((self.fn, self.args, self.kwargs)) if self.fn is not None else None
 
 
 @final
@@ -144,7 +171,7 @@ def _execute(job: Job) -> MemoryResult:
 
     from pytest_vram.meters import make_meter
     from pytest_vram.step import run_step
-    from pytest_vram.user_step import measure_fn
+    from pytest_vram.user_step import measure_call, measure_ranks
     from pytest_vram.zero import ops
 
     on_gpu = job.meter == "cuda"
@@ -161,9 +188,11 @@ def _execute(job: Job) -> MemoryResult:
         # a missing one is skipped, as the forkserver skips it.
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(module)
-    # A cuda case that forks ranks imports the user's modules in each rank, after the fork:
-    # one that imports DeepSpeed or bitsandbytes would initialise CUDA in the ranks' parent.
-    forks = on_gpu and job.spec is not None and job.spec.zero is not None
+    # A case that forks ranks imports the user's modules (and unpickles the user's function) in
+    # each rank, after the fork: on a GPU, one that imports DeepSpeed or bitsandbytes would
+    # initialise CUDA in the ranks' parent.
+    zero_ranks = on_gpu and job.spec is not None and job.spec.zero is not None
+    forks = zero_ranks or job.ranks is not None
     if on_gpu and not forks:
         from pytest_vram import forksafe
 
@@ -174,8 +203,11 @@ def _execute(job: Job) -> MemoryResult:
     meter = make_meter(job.meter, **job.meter_options)
     if job.spec is not None:
         return run_step(job.spec, meter, rank_imports=job.imports if forks else ())
-    assert job.fn is not None
-    return measure_fn(job.fn, job.args, job.kwargs, meter)
+    call = job.call
+    assert call is not None
+    if job.ranks is not None:
+        return measure_ranks(call, job.label, meter, job.ranks, job.imports)
+    return measure_call(call, job.label, meter)
 
 
 def _kind(exc: BaseException) -> FailureKind:

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from pytest_vram import StepSpec
+from pytest_vram import StepSpec, ranks
 from pytest_vram.errors import is_oom
 from pytest_vram.worker import CaseFailure, Job, Worker, _kind
-from pytest_vram.zero import ops, ranks
+from pytest_vram.zero import ops
 
 CUDA_OOM = (
     "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 1 has a total capacity of 79.19 GiB"

@@ -15,10 +15,9 @@ import torch
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from pytest_vram import zoo  # noqa: E402
+from pytest_vram import local_data, zoo  # noqa: E402
 from pytest_vram.integrations import VramCallback  # noqa: E402
 from pytest_vram.meters.host import HostMeter  # noqa: E402
 from pytest_vram.result import MemoryResult  # noqa: E402
@@ -30,19 +29,8 @@ SEQ = 32
 STEPS = 2
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over tiny-llama's vocabulary: ``w0`` ... ``w2047``."""
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="w0", eos_token="w2", unk_token="w1"
-    )
-
-
 def text(seed: int, words: int) -> str:
-    gen = torch.Generator().manual_seed(seed)
-    return " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (words,), generator=gen).tolist())
+    return local_data.texts(1, words, VOCAB, seed)[0]
 
 
 def model() -> torch.nn.Module:
@@ -72,8 +60,7 @@ def trainer_step(out: Path, marked: bool, lora: bool = False) -> torch.nn.Module
         from peft import LoraConfig, get_peft_model
 
         net = get_peft_model(net, LoraConfig(r=8, target_modules="all-linear"))
-    ids = [[int(w[1:]) for w in text(i, SEQ).split()] for i in range(8)]
-    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    data = local_data.token_rows(8, SEQ, VOCAB)
     trainer = Trainer(
         model=net,
         args=TrainingArguments(**arguments(out)),
@@ -134,7 +121,7 @@ def trl_step(trainer: str, config: str, out: Path, data: Dataset, **extra: Any) 
         model=model(),
         args=getattr(trl, config)(**arguments(out, max_length=SEQ)),
         train_dataset=data,
-        processing_class=tokenizer(),
+        processing_class=local_data.word_tokenizer(VOCAB),
         callbacks=[VramCallback()],
         **extra,
     )

@@ -12,7 +12,7 @@ import pytest
 from pytest_vram import SpecError, StepSpec
 from pytest_vram.zero import user_config
 
-DATA = Path(__file__).parent / "data" / "llama_factory"
+DATA = Path(__file__).parents[1] / "suites" / "data" / "llama_factory"
 Z3 = DATA / "ds_z3_config.json"
 Z3_OFFLOAD = DATA / "ds_z3_offload_config.json"
 

@@ -12,8 +12,8 @@ from pytest_vram.result import Breakdown, MemoryResult
 
 ds = pytest.importorskip("deepspeed", reason="ZeRO cases need pytest-vram[zero]")
 
+from pytest_vram.ranks import combine  # noqa: E402
 from pytest_vram.zero.config import ds_config  # noqa: E402
-from pytest_vram.zero.ranks import combine  # noqa: E402
 
 
 def spec(**kw: object) -> StepSpec:
@@ -107,7 +107,7 @@ def _rank(peak: int, steps: tuple[int, ...], host: int) -> MemoryResult:
 
 def test_combine_takes_the_worst_rank_and_sums_host_memory() -> None:
     s = spec(zero=2, ranks=2)
-    r = combine(s, [_rank(10, (9, 10), 3), _rank(12, (12, 8), 4)])
+    r = combine(s.label, [_rank(10, (9, 10), 3), _rank(12, (12, 8), 4)])
     assert r.peak_bytes == 12 and r.breakdown.activation_bytes == 12
     assert r.step_peak_bytes == (12, 10)  # per step, the max over ranks
     assert r.host_offload_bytes == 7  # the ranks of one machine share its host memory

@@ -1,9 +1,10 @@
-"""ZeRO ranks as processes: the launch, the errors a rank ends with, and the combined result.
+"""Ranks as processes: the launch, the errors a rank ends with, and the combined result.
 
-Each rank is a process forked from the case's child, with the environment ``torch.distributed``
-reads (RANK, WORLD_SIZE, ...); it runs ``run_step``'s loop with ``zero.engine.ZeroTrainer`` under its
-own meter. The case's result is the max over ranks, with every rank's result kept in
-``MemoryResult.ranks``.
+Each rank is a process forked from the case's child, with the environment torchrun gives
+(RANK, LOCAL_RANK, WORLD_SIZE, ...), so code written for torchrun or the deepspeed launcher runs
+unchanged. A rank runs its body (``run_step``'s loop with ``zero.engine.ZeroTrainer``, or the
+user's function under ``vram.measure``) under its own meter. The case's result is the worst
+rank's, with every rank's result kept in ``MemoryResult.ranks``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pytest_vram import processes
 from pytest_vram.errors import is_oom
 from pytest_vram.meters.base import DeviceIndexed, Meter
 from pytest_vram.result import MemoryResult
-from pytest_vram.spec import StepSpec
 from pytest_vram.zero.ops import set_accelerator
 
 __all__ = [
@@ -31,7 +31,10 @@ __all__ = [
     "combine",
     "rank_error",
     "run_ranks",
+    "torchrun_environment",
 ]
+
+Body = Callable[[Meter], MemoryResult]
 
 
 class RankOutOfMemory(MemoryError):
@@ -45,45 +48,80 @@ def _free_port() -> int:
         return port
 
 
+def torchrun_environment(rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun exports for ``rank`` of ``world`` ranks on one machine."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "GROUP_RANK": "0",
+        "GROUP_WORLD_SIZE": "1",
+        "ROLE_RANK": str(rank),
+        "ROLE_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def _group_was_initialised() -> bool:
+    """Whether this process ever had torch.distributed's default group, even if the user's
+    code destroyed it before returning (a torchrun script's ``main`` usually does). torch keeps
+    the init method of the last default group after ``destroy_process_group``."""
+    import torch.distributed.distributed_c10d as c10d
+
+    initialised = torch.distributed.is_initialized()
+    return initialised or getattr(c10d, "_default_pg_init_method", None) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    world: int
+    label: str
+    port: int
+    imports: Sequence[str]
+    # The built-in ZeRO step starts the group itself; the user's code starts its own.
+    start_group: bool
+
+
 def _rank_main(
     rank: int,
-    spec: StepSpec,
+    launch: _Launch,
     meter: Meter,
-    body: Callable[[StepSpec, Meter], MemoryResult],
-    port: int,
+    body: Body,
     conn: multiprocessing.connection.Connection,
-    imports: Sequence[str],
 ) -> None:
     try:
-        world = str(spec.ranks)
-        os.environ.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=world,
-            LOCAL_WORLD_SIZE=world,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
+        os.environ.update(torchrun_environment(rank, launch.world, launch.port))
         on_gpu = meter.device.startswith("cuda")
         set_accelerator(on_gpu)
         if on_gpu:
             from pytest_vram import forksafe
 
-            forksafe.check_fork(f"rank {rank} of {spec.ranks}")
+            forksafe.check_fork(f"rank {rank} of {launch.world}")
             forksafe.disarm()  # a rank forks nothing: its step runs on torch's own probes
             # Each rank on its own device, chosen before the process group: nccl binds its
             # communicator to the current device, and every .cuda() call lands there.
             torch.cuda.set_device(rank)
             if isinstance(meter, DeviceIndexed):
                 meter.use_device(rank)
-        for module in imports:  # the user's modules, after the fork (see worker._execute)
+        for module in launch.imports:  # the user's modules, after the fork (worker._execute)
             importlib.import_module(module)
-        import deepspeed
+        if launch.start_group:
+            import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        result = body(spec, meter)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        result = body(meter)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        elif launch.world > 1 and not _group_was_initialised():
+            raise RuntimeError(
+                f"{launch.label} ran on ranks={launch.world} but never initialised "
+                "torch.distributed's process group, so each rank trained alone: call "
+                "torch.distributed.init_process_group() (or deepspeed.init_distributed()) "
+                "as under torchrun, or measure it without ranks="
+            )
         conn.send(("ok", result.to_json()))
     except BaseException as exc:  # noqa: B036 - every way out becomes a message
         conn.send(("oom" if is_oom(exc) else "error", traceback.format_exc()))
@@ -92,22 +130,25 @@ def _rank_main(
 
 
 def run_ranks(
-    spec: StepSpec,
+    world: int,
+    label: str,
     meter: Meter,
-    body: Callable[[StepSpec, Meter], MemoryResult],
+    body: Body,
     imports: Sequence[str] = (),
+    *,
+    start_group: bool,
 ) -> MemoryResult:
-    """Run ``body`` on ``spec.ranks`` forked processes; the result of the worst rank, with all.
+    """Run ``body`` on ``world`` forked processes; the result of the worst rank, with all.
 
     The ranks are plain forks (``processes.fork``: the case's child is a daemon process) and
     stay in the case's process group, so a timeout kills them too. Fork from a process that has
     not computed yet (the worker's case child): a process whose torch thread pools are running
-    can hang in its forked ranks. ``imports`` are imported in each rank after the fork."""
-    port = _free_port()
+    can hang in its forked ranks. ``imports`` are imported in each rank after the fork;
+    ``start_group``: start the process group (gloo, or nccl on GPUs) before ``body``."""
+    launch = _Launch(world, label, _free_port(), tuple(imports), start_group)
     pids, conns = [], []
-    for rank in range(spec.ranks):
-        main = functools.partial(_rank_main, rank, spec, meter, body, port, imports=imports)
-        pid, recv = processes.fork(main)
+    for rank in range(world):
+        pid, recv = processes.fork(functools.partial(_rank_main, rank, launch, meter, body))
         pids.append(pid)
         conns.append(recv)
     results: dict[int, MemoryResult] = {}
@@ -122,22 +163,20 @@ def run_ranks(
                     code = processes.reap(pids[rank])
                     pids[rank] = 0
                     ended = ("was " if code < 0 else "") + processes.exit_text(code)
-                    raise RuntimeError(
-                        f"rank {rank} of {spec.ranks} {ended} before sending a result"
-                    )
+                    raise RuntimeError(f"rank {rank} of {world} {ended} before sending a result")
                 kind, payload = message
                 if kind != "ok":
-                    raise rank_error(rank, spec.ranks, kind, payload)
+                    raise rank_error(rank, world, kind, payload)
                 results[rank] = MemoryResult.from_json(payload)
     finally:
         for conn in conns:
             conn.close()
         for pid in pids:
-            if pid and len(results) < spec.ranks:
+            if pid and len(results) < world:
                 processes.kill(pid)
             if pid:
                 processes.reap(pid)
-    return combine(spec, [results[r] for r in range(spec.ranks)])
+    return combine(label, [results[r] for r in range(world)])
 
 
 def rank_error(rank: int, ranks: int, kind: str, payload: str) -> Exception:
@@ -150,14 +189,14 @@ def rank_error(rank: int, ranks: int, kind: str, payload: str) -> Exception:
     return RuntimeError(f"rank {rank} of {ranks} failed{last}\n{payload}")
 
 
-def combine(spec: StepSpec, ranks: list[MemoryResult]) -> MemoryResult:
+def combine(label: str, ranks: list[MemoryResult]) -> MemoryResult:
     """The case's result: the rank with the highest peak, its peers kept; host bytes summed
     (the ranks of one machine share its host memory)."""
     worst = max(ranks, key=lambda r: r.peak_bytes)
     steps = tuple(max(s) for s in zip(*(r.step_peak_bytes for r in ranks), strict=True))
     return dataclasses.replace(
         worst,
-        label=spec.label,
+        label=label,
         step_peak_bytes=steps,
         host_offload_bytes=sum(r.host_offload_bytes for r in ranks),
         ranks=tuple(ranks),
