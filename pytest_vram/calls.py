@@ -2,7 +2,9 @@
 its ranks, so two calls of one function with different arguments never share a baseline entry.
 
 Plain data (strings, numbers, paths, and lists, tuples, sets and dicts of them) is written as
-Python would, a path under the working directory relative to it; anything else is named by its type with a digest of its pickled form, since its
+Python would; a path (or a string holding an absolute one) under the working directory
+relative to it, and one elsewhere under the temporary folder (pytest's ``tmp_path``) as
+``<tmp>``. Anything else is named by its type with a digest of its pickled form, since its
 ``repr`` often holds a memory address that changes every run. A form longer than
 ``MAX_ARGS_CHARS`` is cut, with a digest of the whole, so the label stays readable.
 """
@@ -12,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-__all__ = ["MAX_ARGS_CHARS", "call_label"]
+__all__ = ["MAX_ARGS_CHARS", "TMP", "call_label"]
 
 MAX_ARGS_CHARS: Final = 60
+TMP: Final = "<tmp>"
 _DIGEST_CHARS: Final = 8
 _PLAIN: Final = (str, int, float, bool, complex, bytes, type(None))
 
@@ -26,16 +30,23 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:_DIGEST_CHARS]
 
 
+def _under(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
 def _stable_path(path: str | bytes) -> str | bytes:
-    """A path under the working directory (the checkout, in CI and on a workstation) is
-    written relative to it, so the label is the same on every machine."""
+    """The same on every machine and in every run: the working directory is the checkout
+    (in CI and on a workstation), a temporary folder is new each run."""
     if isinstance(path, bytes) or not os.path.isabs(path):
         return path
-    relative = os.path.relpath(path)
-    return path if relative.startswith(os.pardir) else relative
+    if _under(path, os.getcwd()):
+        return os.path.relpath(path)
+    return TMP if _under(path, tempfile.gettempdir()) else path
 
 
 def _form(value: Any) -> str:
+    if isinstance(value, str) and os.path.isabs(value):
+        return repr(_stable_path(value))
     if isinstance(value, _PLAIN):
         return repr(value)
     if isinstance(value, os.PathLike):

@@ -54,8 +54,21 @@ def test_a_path_under_the_working_directory_is_relative_to_it(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert label(tmp_path / "ds" / "z3.json") == f"{NAME}('ds/z3.json')"
-    outside = tmp_path.parent / "elsewhere.json"
-    assert label(outside) == f"{NAME}({str(outside)!r})"
+    assert label(str(tmp_path / "ds")) == f"{NAME}('ds')"  # a string holding a path too
+    assert label("ds/z3.json") == f"{NAME}('ds/z3.json')"  # relative: as given
+
+
+def test_a_temporary_folder_is_the_same_in_every_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    # pytest's tmp_path is new in every run: a label holding it would never find its baseline
+    assert label(tmp_path / "test_sft0", steps=2) == f"{NAME}('<tmp>', steps=2)"
+    assert label(str(tmp_path)) == f"{NAME}('<tmp>')"
+    elsewhere = "/opt/models/llama"
+    assert label(elsewhere) == f"{NAME}({elsewhere!r})"
 
 
 def test_an_object_is_named_by_type_and_content_never_by_address() -> None:
