@@ -117,7 +117,9 @@ def measure_fn(
         if model is None and engines:
             model = engines[0].engine.module
         name = label if label is not None else f"{fn.__module__}.{fn.__qualname__}"
-        return result_of(name, None, meter, windows.steps, model)
+        result = result_of(name, None, meter, windows.steps, model)
+    # The config DeepSpeed ran with, as for a built-in ZeRO case (the first engine's).
+    return dataclasses.replace(result, zero_config=engines[0].config) if engines else result
 
 
 def measure_call(call: bytes, label: str, meter: Meter) -> MemoryResult:

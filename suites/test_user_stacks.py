@@ -40,6 +40,12 @@ def test_llama_factory_zero3_offload_through_the_trainer(vram) -> None:
         assert rank.breakdown.param_bytes == rank.breakdown.optimizer_bytes == 0
     for rank in plain.ranks:
         assert rank.breakdown.optimizer_bytes > 0 and rank.breakdown.grad_bytes > 0
+    # What DeepSpeed ran with: the file as written, "auto" filled in by transformers.
+    ran = offloaded.zero_config
+    assert ran is not None and "auto" not in json.dumps(ran)
+    assert ran["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ran["train_micro_batch_size_per_gpu"] == user_stacks.BATCH
+    print("LLAMA-FACTORY Z3 OFFLOAD RAN WITH", json.dumps(ran, sort_keys=True))
 
 
 def test_own_deepspeed_loop_offload_counts_as_host_memory(vram) -> None:

@@ -11,6 +11,7 @@ meter's host scope. So "offload must not raise device memory" is checked on CPU 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
@@ -56,6 +57,19 @@ def _offloaded_to_host(offload: Any) -> bool:
     return str(getattr(device, "value", device)) in _HOST_DEVICES
 
 
+def _json_safe(value: Any) -> Any:
+    """Strict JSON for a baseline file: transformers sets ``steps_per_print`` to infinity."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
 def _client_optimizer(engine: Any) -> torch.optim.Optimizer | None:
     """The torch optimizer the engine steps: inside the ZeRO (or bf16) wrapper, or the engine's
     optimizer itself without one."""
@@ -88,6 +102,14 @@ class EngineAccounting:
             self._offloaded(self._inner_tensors())
         if self.offload_param:
             self._offloaded(self._partitions())
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The config the engine runs with, as DeepSpeed parsed it (a Trainer's with its "auto"
+        values filled in), JSON-safe for the result."""
+        parsed = getattr(self.engine._config, "_param_dict", None) or {}
+        safe: dict[str, Any] = _json_safe(parsed)
+        return safe
 
     def _offloaded(self, tensors: Iterable[torch.Tensor]) -> None:
         if self.tagging is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["build_ops", "set_accelerator"]
+__all__ = ["build_ops", "builds_for_gpu", "set_accelerator"]
 
 
 def set_accelerator(on_gpu: bool) -> None:
@@ -14,13 +14,22 @@ def set_accelerator(on_gpu: bool) -> None:
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
 
 
+def builds_for_gpu(exported: str | None, gpu_visible: bool) -> bool:
+    """Whether ``build_ops`` builds for the GPU: when one is visible, unless DS_ACCELERATOR=cpu
+    was exported. A GPU machine runs the host meter's ZeRO cases too (``pytest suites`` without
+    --gpu), whose gloo ranks load the CPU op; the cases themselves never read the exported
+    value (``set_accelerator``), so asking for the CPU op here changes no GPU case."""
+    return gpu_visible and exported != "cpu"
+
+
 def build_ops() -> list[str]:
     """JIT-build the DeepSpeed ops a ZeRO case loads (on CPU, the shared-memory collectives
-    ``init_distributed`` uses: about 50 s the first time). Builds land in
-    TORCH_EXTENSIONS_DIR and are reused; run this once in CI rather than inside a timed case."""
+    ``init_distributed`` uses: about 50 s the first time; on a GPU nothing, nccl needs no
+    build). Builds land in TORCH_EXTENSIONS_DIR and are reused; run this once in CI rather
+    than inside a timed case."""
     import torch
 
-    set_accelerator(torch.cuda.is_available())
+    set_accelerator(builds_for_gpu(os.environ.get("DS_ACCELERATOR"), torch.cuda.is_available()))
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
