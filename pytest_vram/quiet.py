@@ -25,6 +25,12 @@ LOGGED: Final[tuple[tuple[str, str], ...]] = (
         "bitsandbytes.backends.cpu.ops",
         "Failed to load CPU gemm_4bit_forward from kernels-community",
     ),
+    # The same kernel asked of the `kernels` package (transformers 5.25 requires it), with the
+    # Hub offline in a case: it cannot check the publisher, and bitsandbytes then falls back.
+    (
+        "kernels._internals.hf_hub",
+        "Skipping publisher trust check for 'kernels-community/",
+    ),
     # DeepSpeed guessing its accelerator on import, where nothing set DS_ACCELERATOR: a case
     # sets it (zero.ops.set_accelerator) before DeepSpeed runs; the estimate's estimator functions
     # are arithmetic, the same on any accelerator.
