@@ -86,17 +86,20 @@ class Recorder:
         ``WORLD_SIZE``, ``MASTER_ADDR``, ...), each measured, one GPU each under ``--gpu``."""
         __tracebackhide__ = True
         try:
-            if ranks is not None:
-                ranks = check_ranks(ranks)
-            job = self._session.job(
-                self._device, fn=fn, args=args, kwargs=kwargs, imports=self._imports(), ranks=ranks
-            )
-            job.check_picklable()
+            world = check_ranks(ranks) if ranks is not None else None
         except SpecError as exc:
             error = f"vram.measure: {exc}"
         else:
-            self._skip_without_gpus(job.meter, ranks or 1, job.label)
-            return self._run(job, self._capacity_bytes)
+            job = self._session.job(
+                self._device, fn=fn, args=args, kwargs=kwargs, imports=self._imports(), ranks=world
+            )
+            try:
+                job.check_picklable()  # its message names vram.measure
+            except SpecError as exc:
+                error = str(exc)
+            else:
+                self._skip_without_gpus(job.meter, world or 1, job.label)
+                return self._run(job, self._capacity_bytes)
         pytest.fail(error, pytrace=False)
 
     def _skip_without_gpus(self, meter: str, ranks: int, label: str) -> None:

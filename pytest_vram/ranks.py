@@ -29,6 +29,7 @@ from pytest_vram.zero.ops import set_accelerator
 __all__ = [
     "RankOutOfMemory",
     "combine",
+    "exception_line",
     "rank_error",
     "run_ranks",
     "torchrun_environment",
@@ -182,11 +183,22 @@ def run_ranks(
 def rank_error(rank: int, ranks: int, kind: str, payload: str) -> Exception:
     """The case's error for a rank's failure message; an out-of-memory one stays one, so the
     worker reports it as out of memory, naming the rank."""
-    lines = payload.strip().splitlines()
-    last = f": {lines[-1]}" if lines else ""
+    first = exception_line(payload)
+    last = f": {first}" if first else ""
     if kind == "oom":
         return RankOutOfMemory(f"rank {rank} of {ranks} ran out of memory{last}\n{payload}")
     return RuntimeError(f"rank {rank} of {ranks} failed{last}\n{payload}")
+
+
+def exception_line(formatted: str) -> str:
+    """The first line of the exception a formatted traceback ends with: a message of several
+    lines (transformers' DeepSpeed mismatch list) starts with what went wrong."""
+    lines = formatted.strip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    start = frames[-1] + 1 if frames else 0
+    while start < len(lines) and lines[start].startswith("    "):  # the frame's code, carets
+        start += 1
+    return lines[start] if start < len(lines) else (lines[-1] if lines else "")
 
 
 def combine(label: str, ranks: list[MemoryResult]) -> MemoryResult:
