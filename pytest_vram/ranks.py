@@ -195,10 +195,12 @@ def exception_line(formatted: str) -> str:
     lines (transformers' DeepSpeed mismatch list) starts with what went wrong."""
     lines = formatted.strip().splitlines()
     frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
-    start = frames[-1] + 1 if frames else 0
+    if not frames:  # not a traceback: its last line says what happened
+        return lines[-1] if lines else ""
+    start = frames[-1] + 1
     while start < len(lines) and lines[start].startswith("    "):  # the frame's code, carets
         start += 1
-    return lines[start] if start < len(lines) else (lines[-1] if lines else "")
+    return lines[start] if start < len(lines) else lines[-1]
 
 
 def combine(label: str, ranks: list[MemoryResult]) -> MemoryResult:

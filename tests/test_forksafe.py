@@ -4,15 +4,20 @@ calls is_available() first, and on a GPU goes on to initialise CUDA)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
+import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from pytest_vram import forksafe
-from pytest_vram.worker import RANK_PARENT_MODULES, preload_modules
+from pytest_vram import StepSpec, forksafe
+from pytest_vram.worker import RANK_PARENT_MODULES, Job, preload_modules
 
 
 def test_the_cuda_servers_preload_calls_no_cuda_probe() -> None:
@@ -25,6 +30,90 @@ def test_the_cuda_servers_preload_calls_no_cuda_probe() -> None:
 def test_what_a_case_child_imports_before_forking_ranks_calls_no_cuda_probe() -> None:
     found = forksafe.probe_imports(RANK_PARENT_MODULES)
     assert found == {m: () for m in RANK_PARENT_MODULES}
+
+
+# A cuda case's child as the cuda server forks it, up to the point where it forks its ranks:
+# run_ranks is replaced by a report of what that child had done by then.
+_RANK_PARENT = """
+import json, os, pickle, sys
+from pytest_vram import forksafe
+os.environ[forksafe.NVML_CHECK] = "1"  # the cuda server's environment, which its cases inherit
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["DS_ACCELERATOR"] = "cpu"  # exported by the user: GPU ranks get CUDA's all the same
+calls = []
+import torch.cuda
+for name in forksafe.PROBES:
+    forksafe._wrap(torch.cuda, name, calls.append)
+from pytest_vram import ranks, worker
+
+class Forked(Exception):
+    pass
+
+def run_ranks(world, label, meter, body, imports=(), *, start_group):
+    call = body.args[0]  # ZeRO: the spec; vram.measure: the pickled call, unpickled in a rank
+    print(json.dumps({
+        "label": label, "world": world, "start_group": start_group, "device": meter.device,
+        "imports": list(imports), "probes": sorted(set(calls)),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
+        "imported": sorted(m for m in ("user_registers", "user_fns") if m in sys.modules),
+        "call": call.hex() if isinstance(call, bytes) else None,
+    }))
+    raise Forked
+
+ranks.run_ranks = run_ranks
+sys.path.insert(0, sys.argv[1])
+with open(sys.argv[2], "rb") as f:
+    jobs = pickle.load(f)
+for job in jobs:
+    try:
+        worker._execute(job)
+    except Forked:
+        continue
+    raise AssertionError(f"{job.label} forked no ranks")
+"""
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("deepspeed", "bitsandbytes")),
+    reason="ZeRO and QLoRA cases need pytest-vram[zero] and bitsandbytes",
+)
+def test_a_cuda_case_child_touches_no_cuda_before_forking_its_ranks(tmp_path: Path) -> None:
+    """What worker._execute really does in a cuda case's child before the ranks fork: no CUDA
+    probe, DeepSpeed's CUDA accelerator chosen, and the user's modules (--vram-import, the
+    module of a vram.measure function) left for the ranks to import."""
+    # A registering module as users write them; bitsandbytes calls is_available() at import.
+    (tmp_path / "user_registers.py").write_text("import bitsandbytes\nimport deepspeed\n")
+    (tmp_path / "user_fns.py").write_text("def train(steps):\n    return None\n")
+    imports = ("user_registers",)
+    zero = [
+        StepSpec(model="tiny-llama", precision="bf16", batch=1, seq=32, ranks=2, **kw)
+        for kw in (
+            {"zero": 2},
+            {"method": "qlora", "zero": 2},
+            {"method": "lora", "zero": 3, "offload": "both"},
+        )
+    ]
+    jobs = [Job("cuda", spec=spec, imports=imports) for spec in zero]
+    sys.path.insert(0, str(tmp_path))
+    try:  # the pytest process pickles the call, as it does for the worker
+        fn = importlib.import_module("user_fns").train
+        jobs.append(Job("cuda", fn=fn, args=(2,), ranks=2, imports=imports))
+        (tmp_path / "jobs.pickle").write_bytes(pickle.dumps(jobs))
+        call = jobs[-1].call
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("user_fns", None)
+    argv = [sys.executable, "-c", _RANK_PARENT, str(tmp_path), str(tmp_path / "jobs.pickle")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    forks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [f["label"] for f in forks] == [job.label for job in jobs]
+    for fork, job in zip(forks, jobs, strict=True):
+        assert fork["probes"] == [], fork["label"]
+        assert fork["DS_ACCELERATOR"] == "cuda" and fork["device"] == "cuda:0"
+        assert fork["imported"] == [] and fork["imports"] == list(imports)
+        assert fork["world"] == 2 and fork["start_group"] == (job.spec is not None)
+    assert call is not None and forks[-1]["call"] == call.hex()  # handed to the ranks whole
 
 
 def test_the_probe_names_the_library_that_touches_cuda_at_import() -> None:

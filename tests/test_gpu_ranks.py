@@ -1,5 +1,6 @@
 """The GPU path's logic that runs anywhere: which accelerator DeepSpeed gets, how a rank's and
-a case's out-of-memory errors are reported, and what a cuda case child and a GPU rank do first.
+a case's out-of-memory errors are reported, what a cuda case child and a GPU rank do first, and
+what the xdist controller refuses before any worker starts.
 
 The GPU ranks run in this process with CUDA's calls (``set_device``, the bad-fork check) and
 DeepSpeed's nccl group replaced by recorders: every patch and variable is monkeypatch's, so
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_vram import StepSpec, forksafe, ranks
+from pytest_vram import StepSpec, forksafe, gpus, plugin, ranks
 from pytest_vram.errors import is_oom
 from pytest_vram.meters.cuda import CudaMeter
 from pytest_vram.result import MemoryResult
@@ -33,7 +34,8 @@ CUDA_OOM = (
 def test_deepspeed_gets_the_meters_accelerator_whatever_was_exported(
     monkeypatch: pytest.MonkeyPatch, on_gpu: bool, expected: str
 ) -> None:
-    # docs/gpu.md showed `DS_ACCELERATOR=cpu pytest-vram build-ops`: exported, it reached GPU ranks.
+    # docs/gpu.md shows `DS_ACCELERATOR=cpu pytest-vram build-ops`: left exported, it must not
+    # reach GPU ranks.
     monkeypatch.setenv("DS_ACCELERATOR", "cpu" if on_gpu else "cuda")
     ops.set_accelerator(on_gpu)
     assert os.environ["DS_ACCELERATOR"] == expected
@@ -57,6 +59,8 @@ def test_build_ops_builds_the_cpu_op_on_a_gpu_machine_when_asked(
     built: list[str],
     accelerator: str,
 ) -> None:
+    # Importing DeepSpeed sets PYTORCH_NVML_BASED_CUDA_CHECK: monkeypatch gives it back.
+    monkeypatch.setenv(forksafe.NVML_CHECK, os.environ.get(forksafe.NVML_CHECK, "1"))
     real_accelerator = pytest.importorskip("deepspeed.accelerator.real_accelerator")
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
@@ -110,6 +114,30 @@ def test_a_ranks_failure_names_the_rank_and_keeps_its_kind() -> None:
     assert str(other).startswith("rank 0 of 4 failed: ValueError: bad\nTraceback")
 
 
+def test_n_2_on_one_gpu_is_one_usage_error_from_the_xdist_controller(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Smoke step 9 without a GPU: the controller counts one GPU and refuses before any worker
+    starts (a worker would raise the same error once per worker)."""
+    pytest.importorskip("xdist")
+    counted: list[int] = []
+
+    def one_gpu() -> int:
+        counted.append(1)
+        return 1
+
+    monkeypatch.setattr(gpus, "_gpu_count", one_gpu)
+    monkeypatch.setattr(plugin, "check_gpu_visible", lambda: None)  # as if a GPU were visible
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2", "--gpu")
+    text = "\n".join(result.outlines + result.errlines)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, text
+    (error,) = [line for line in result.errlines if "ERROR" in line]
+    assert error.startswith("ERROR: pytest -n 2 --gpu: 1 GPU(s) visible for 2 xdist workers")
+    assert counted == [1] and "INTERNALERROR" not in text and "gw0" not in text
+
+
 def test_a_cuda_case_in_a_host_server_is_refused_before_forking() -> None:
     # This test process's server is the host one (the session's device is host).
     worker = Worker("host")
@@ -141,7 +169,7 @@ def gpu_rank(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     calls: list[tuple[Any, ...]] = []
     for name in ranks.torchrun_environment(1, 2, PORT):
         monkeypatch.setenv(name, "unset")  # so monkeypatch gives each one back
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # exported by the user, as docs/gpu.md once said
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # left exported after build-ops (docs/gpu.md)
     monkeypatch.setattr(forksafe, "check_fork", lambda where: calls.append(("check_fork", where)))
     monkeypatch.setattr(forksafe, "disarm", lambda: calls.append(("disarm",)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
@@ -158,7 +186,7 @@ def gpu_rank(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
         env = _rank_env()
         calls.append(("init_distributed", dist_backend, os.environ["DS_ACCELERATOR"], env))
 
-    # nccl needs GPUs: DeepSpeed itself stands aside for the one call the rank makes.
+    # nccl needs GPUs: a stand-in for DeepSpeed takes the one call the rank makes to it.
     fake = types.ModuleType("deepspeed")
     fake.init_distributed = init_distributed  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "deepspeed", fake)

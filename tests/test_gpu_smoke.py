@@ -145,6 +145,35 @@ def test_steps_are_in_priority_order_and_quick_is_the_first_three() -> None:
     assert set(needs.values()) <= set(smoke.INSTALL)
 
 
+def smoke_table(doc: Path, section: str) -> list[tuple[str, str]]:
+    """(key, title) of each row of the first table under ``section``: its first cell, read
+    without markdown's backticks, is "<key> <title>"."""
+    text = doc.read_text(encoding="utf-8")
+    start = text.index(f"\n{section}\n")
+    end = text.find("\n#", start + len(section) + 2)
+    lines = text[start : end if end >= 0 else len(text)].splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| step |"))
+    rows = []
+    for line in lines[head + 2 :]:
+        if not line.startswith("|"):
+            break
+        key, title = line.split("|")[1].strip().replace("`", "").split(" ", 1)
+        rows.append((key, title))
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("doc", "section"),
+    [
+        ("README.md", "### On a GPU"),
+        ("docs/gpu.md", "## Before the first GPU run: the smoke check"),
+    ],
+)
+def test_the_docs_list_the_scripts_steps_as_it_names_them(doc: str, section: str) -> None:
+    steps = [(s.key, s.title) for s in smoke.STEPS]
+    assert smoke_table(ROOT / doc, section) == steps
+
+
 def test_parse_gpus_reads_nvidia_smi_and_leaves_mig_out() -> None:
     text = (
         "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-aaaaaaaa-0000-1111-2222-333333333333)\n"

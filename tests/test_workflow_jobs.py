@@ -149,3 +149,13 @@ def test_tox_envs() -> None:
         and refresh["passenv"] == "{[testenv:gpu]passenv}"
     )
     assert refresh["commands"].strip() == "pytest-vram refresh --gpu suites {posargs}"
+
+
+def test_tox_gpu_smoke_runs_the_smoke_script_as_the_gpu_env_installs() -> None:
+    smoke = tox()["testenv:gpu-smoke"]
+    assert smoke["commands"].strip() == "python benchmarks/gpu_smoke.py {posargs}"
+    assert (ROOT / "benchmarks" / "gpu_smoke.py").is_file()
+    # The same extras and variables as the gpu env: the script runs the GPU suites' stack.
+    assert smoke["extras"] == "{[testenv:gpu]extras}"
+    assert smoke["passenv"] == "{[testenv:gpu]passenv}"
+    assert "tox -e gpu-smoke" in DOCS.read_text("utf-8")
