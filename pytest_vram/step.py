@@ -209,7 +209,7 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
     if spec.zero is not None and meter.simulates_zero:
         from pytest_vram.zero import simulation
 
-        traced = _run(simulation.plain(spec), meter, simulation_trace=True)
+        traced = _run(simulation.plain(spec), meter, simulation_of=spec)
         return simulation.simulate(traced, spec)
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
@@ -224,9 +224,11 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
     return _run(spec, meter)
 
 
-def _run(spec: StepSpec, meter: Meter, simulation_trace: bool = False) -> MemoryResult:
-    """``simulation_trace``: trace the step for ``zero.simulation``, with gradients dropped on
-    arrival (it lays gradients and state out per rank itself)."""
+def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) -> MemoryResult:
+    """``simulation_of``: trace the step for ``zero.simulation`` to lay out as that ZeRO spec,
+    with gradients dropped on arrival (it lays gradients and state out per rank itself); the
+    result's ``zero_config`` is the config that spec's engine would run with."""
+    simulation_trace = simulation_of is not None
     method = methods.METHODS[spec.method]
     opt = methods.OPTIMIZERS[spec.optimizer]
     torch.manual_seed(spec.seed)
@@ -245,6 +247,11 @@ def _run(spec: StepSpec, meter: Meter, simulation_trace: bool = False) -> Memory
         model.train()
         optimizer = method.build_optimizer(model, spec, opt)
         trainer: _OptimizerTrainer | engine.ZeroTrainer
+        planned = None
+        if simulation_of is not None:
+            from pytest_vram.zero import engine
+
+            planned = engine.engine_config(simulation_of, model)
         if spec.zero is None:
             trainer = _OptimizerTrainer(
                 model,
@@ -274,4 +281,5 @@ def _run(spec: StepSpec, meter: Meter, simulation_trace: bool = False) -> Memory
         result = result_of(spec.label, spec, meter, steps, model, trainer.notes())
     # A snapshot is written when the meter exits.
     snapshot = snapshots.snapshot_path if snapshots is not None else None
-    return dataclasses.replace(result, zero_config=trainer.config, snapshot_path=snapshot)
+    zero_config = planned if planned is not None else trainer.config
+    return dataclasses.replace(result, zero_config=zero_config, snapshot_path=snapshot)

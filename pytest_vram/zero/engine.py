@@ -18,7 +18,21 @@ from pytest_vram.zero import user_config
 from pytest_vram.zero.accounting import EngineAccounting, pinned_as_host
 from pytest_vram.zero.config import ds_config
 
-__all__ = ["ZeroTrainer"]
+__all__ = ["ZeroTrainer", "engine_config"]
+
+
+def engine_config(spec: StepSpec, model: torch.nn.Module) -> dict[str, Any]:
+    """The DeepSpeed config ``spec`` runs with on ``model``: the user's (``deepspeed=``), its
+    "auto" values filled in as Trainer fills them, or pytest-vram's own (``zero=``). The fake
+    meter's simulation lays the step out by the same config."""
+    if spec.deepspeed:
+        config = user_config.resolve(spec, model)
+        # DeepSpeed refuses a torch optimizer under optimizer offload unless told; accelerate
+        # swaps in DeepSpeedCPUAdam there, which keeps the same fp32 moments on the host.
+        if spec.offload in ("optimizer", "both"):
+            config.setdefault("zero_force_ds_cpu_optimizer", False)
+        return config
+    return ds_config(spec, max(p.numel() for p in model.parameters()))
 
 
 class ZeroTrainer:
@@ -29,15 +43,7 @@ class ZeroTrainer:
     ) -> None:
         import deepspeed
 
-        largest = max(p.numel() for p in model.parameters())
-        if spec.deepspeed:
-            self.config = user_config.resolve(spec, model)
-            # DeepSpeed refuses a torch optimizer under optimizer offload unless told; accelerate
-            # swaps in DeepSpeedCPUAdam there, which keeps the same fp32 moments on the host.
-            if spec.offload in ("optimizer", "both"):
-                self.config.setdefault("zero_force_ds_cpu_optimizer", False)
-        else:
-            self.config = ds_config(spec, largest)
+        self.config = engine_config(spec, model)
         self.meter = meter
         method = methods.METHODS[spec.method]
         with pinned_as_host(meter):
