@@ -45,11 +45,11 @@ def test_deepspeed_gets_the_meters_accelerator_whatever_was_exported(
     ("exported", "gpu", "built", "accelerator"),
     [
         # A GPU machine running the host meter's ZeRO cases too: their gloo ranks need the op.
-        ("cpu", True, ["ShareMemCommBuilder"], "cpu"),
+        ("cpu", True, ["ShareMemCommBuilder", "CPUAdamBuilder"], "cpu"),
         (None, True, [], "cuda"),
         ("cuda", True, [], "cuda"),
-        (None, False, ["ShareMemCommBuilder"], "cpu"),
-        ("cuda", False, ["ShareMemCommBuilder"], "cpu"),  # no GPU to build for
+        (None, False, ["ShareMemCommBuilder", "CPUAdamBuilder"], "cpu"),
+        ("cuda", False, ["ShareMemCommBuilder", "CPUAdamBuilder"], "cpu"),  # no GPU to build for
     ],
 )
 def test_build_ops_builds_the_cpu_op_on_a_gpu_machine_when_asked(

@@ -24,16 +24,17 @@ def builds_for_gpu(exported: str | None, gpu_visible: bool) -> bool:
 
 def build_ops() -> list[str]:
     """JIT-build the DeepSpeed ops a ZeRO case loads (on CPU, the shared-memory collectives
-    ``init_distributed`` uses: about 50 s the first time; on a GPU nothing, nccl needs no
-    build). Builds land in TORCH_EXTENSIONS_DIR and are reused; run this once in CI rather
-    than inside a timed case."""
+    ``init_distributed`` uses, about 50 s the first time, and DeepSpeedCPUAdam, which
+    accelerate swaps in for a Trainer's optimizer under optimizer offload; on a GPU nothing,
+    nccl needs no build). Builds land in TORCH_EXTENSIONS_DIR and are reused; run this once in
+    CI rather than inside a timed case."""
     import torch
 
     set_accelerator(builds_for_gpu(os.environ.get("DS_ACCELERATOR"), torch.cuda.is_available()))
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    names = ["ShareMemCommBuilder"] if accelerator.device_name() == "cpu" else []
+    names = ["ShareMemCommBuilder", "CPUAdamBuilder"] if accelerator.device_name() == "cpu" else []
     for name in names:
         accelerator.create_op_builder(name).load()
     return names
