@@ -39,8 +39,7 @@ def config_shape(path: Path) -> zoo.ModelShape:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SpecError(f"model {str(path)!r}: not a readable config.json: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise SpecError(f"model {str(path)!r}: a config.json needs a string 'model_type'")
+    data = model_configs.checked(str(path), data)
     model_type: str = data.pop("model_type")
     import transformers
     from transformers.models.auto import modeling_auto

@@ -14,7 +14,8 @@ from typing import Any, Final
 from pytest_vram import references
 from pytest_vram.errors import SpecError, Unsupported
 from pytest_vram.estimate import Estimate, estimate_model
-from pytest_vram.result import GIB, gib
+from pytest_vram.result import gib
+from pytest_vram.units import format_bytes, format_pair, parse_size
 
 __all__ = ["add_arguments", "capacity_line", "command", "json_object", "text_lines"]
 
@@ -63,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, help="with --zero: processes (GPUs on one node)")
     parser.add_argument(
         "--capacity-gb",
-        type=float,
-        help="device memory in GiB: print FITS or OUT OF MEMORY (exit status 1)",
+        help="device memory: a number of GiB (24) or a size with its unit, as the marker's "
+        "capacity_gb= ('24GiB', '512MiB'); print FITS or OUT OF MEMORY (exit status 1)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -91,11 +92,18 @@ def command(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> Estimate:
     fields = {name: getattr(args, name) for name in _SPEC_ARGS if getattr(args, name) is not None}
-    capacity: float | None = args.capacity_gb
-    if capacity is not None and not capacity > 0:
-        raise SpecError(f"--capacity-gb={capacity!r} must be > 0")
-    capacity_bytes = None if capacity is None else int(capacity * GIB)
+    capacity_bytes = None if args.capacity_gb is None else _capacity(args.capacity_gb)
     return estimate_model(args.model, capacity_bytes, grad_ckpt=args.grad_ckpt, **fields)
+
+
+def _capacity(text: str) -> int:
+    """Bytes of ``--capacity-gb``: a bare number is GiB, as ``capacity_gb=2`` in a marker; a
+    string there needs its unit, and every word of a command line is a string."""
+    try:
+        number: object = float(text)
+    except ValueError:
+        return parse_size("--capacity-gb", text)
+    return parse_size("--capacity-gb", number)
 
 
 def _one_line(exc: Exception, model: str) -> str:
@@ -117,10 +125,11 @@ def capacity_line(est: Estimate) -> str | None:
     headroom = est.headroom_bytes
     if headroom is None or est.capacity_bytes is None:
         return None
-    cap = f"capacity {gib(est.capacity_bytes):.2f} GiB"
+    # digits enough that a capacity and a peak that differ never read the same
+    cap, peak = format_pair(est.capacity_bytes, est.result.peak_bytes)
     if headroom >= 0:
-        return f"{cap}: FITS, {gib(headroom):.2f} GiB to spare"
-    return f"{cap}: OUT OF MEMORY predicted by {gib(-headroom):.2f} GiB"
+        return f"capacity {cap}: FITS, {format_bytes(headroom)} to spare (peak {peak})"
+    return f"capacity {cap}: OUT OF MEMORY predicted by {format_bytes(-headroom)} (peak {peak})"
 
 
 def text_lines(est: Estimate) -> Iterator[str]:

@@ -23,7 +23,17 @@ from typing import Any, Final
 from pytest_vram import zoo
 from pytest_vram.errors import SpecError
 
-__all__ = ["KEY", "canonical", "is_key", "locate", "zoo_names", "read", "register", "shape"]
+__all__ = [
+    "KEY",
+    "canonical",
+    "checked",
+    "is_key",
+    "locate",
+    "read",
+    "register",
+    "shape",
+    "zoo_names",
+]
 
 # Written by every save, and say nothing about memory: kept out of the hash.
 _IGNORED: Final = ("_name_or_path", "transformers_version")
@@ -90,6 +100,24 @@ def locate(value: str) -> tuple[str, Path]:
     )
 
 
+def checked(value: str, data: object) -> dict[str, Any]:
+    """A config.json's content as the user's file gives it: an object with a string
+    ``model_type`` and no remote code; a ``SpecError`` names ``value`` otherwise."""
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise SpecError(f"model {value!r}: a config.json needs a string 'model_type'")
+    if "auto_map" in data:
+        # transformers would import the repository's own modeling code (trust_remote_code);
+        # without it, the model_type's class of transformers is built, silently
+        auto_map = data["auto_map"]
+        named = ", ".join(map(str, auto_map)) if isinstance(auto_map, dict) else repr(auto_map)
+        raise SpecError(
+            f"model {value!r}: its config.json asks for remote code (auto_map: {named}), which "
+            f"pytest-vram never runs: remove auto_map to measure the stock "
+            f"{data['model_type']!r} architecture of transformers"
+        )
+    return data
+
+
 def read(value: str) -> tuple[str, str]:
     """(key, canonical config) of the model ``value`` refers to; a ``SpecError`` names it."""
     name, path = locate(value)
@@ -97,9 +125,7 @@ def read(value: str) -> tuple[str, str]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SpecError(f"model {value!r}: not a readable config.json: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise SpecError(f"model {value!r}: a config.json needs a string 'model_type'")
-    text = canonical(data)
+    text = canonical(checked(value, data))
     return f"{_name(name)}@{_digest(text)}", text
 
 

@@ -32,13 +32,23 @@ def _tolerance(text: str) -> float:
         raise pytest.UsageError(str(exc)) from None
 
 
+# The worker waits for a case with multiprocessing.connection.wait, whose poll takes a C int of
+# milliseconds (at most 24.8 days; 1e7 s raised OverflowError in every case); no case should
+# run for a week.
+MAX_TIMEOUT_S: Final = 7 * 24 * 3600
+
+
 def _timeout(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise pytest.UsageError(f"--vram-timeout={text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
+    if math.isnan(value) or value <= 0:
         raise pytest.UsageError(f"--vram-timeout={text!r} must be a number of seconds > 0")
+    if value > MAX_TIMEOUT_S:
+        raise pytest.UsageError(
+            f"--vram-timeout={text!r} is more than a week: at most {MAX_TIMEOUT_S} seconds"
+        )
     return value
 
 
@@ -136,7 +146,8 @@ OPTIONS: Final = (
     ),
     _Option(
         "--vram-timeout",
-        "seconds a case may run before it is killed (default 600)",
+        "seconds a case may run before it is killed "
+        f"(default 600; at most {MAX_TIMEOUT_S}, a week)",
         _timeout,
         600.0,
     ),

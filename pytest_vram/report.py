@@ -10,13 +10,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, final
 
-from pytest_vram.result import gib
+from pytest_vram.units import format_gib
 
 __all__ = ["Summary", "write_json"]
-
-
-def _gib(nbytes: int | None) -> str:
-    return "-" if nbytes is None else f"{gib(nbytes):.3f}"
 
 
 def _delta(row: dict[str, Any]) -> str:
@@ -65,9 +61,8 @@ def _table(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
         (
             r["test"],
             r["label"],
-            _gib(r["peak_bytes"]),
-            _gib(r["budget_bytes"]),
-            _gib(r["baseline_bytes"]),
+            # three decimals, or as many more as tell apart the row's numbers that differ
+            *format_gib((r["peak_bytes"], r["budget_bytes"], r["baseline_bytes"])),
             _delta(r),
             ("FAIL " if r["failed"] else "") + (r["action"] or r["status"]),
         )

@@ -86,11 +86,21 @@ def _either(values: Sequence[int]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
+# Far beyond any real run, and small enough that every shape and byte count torch derives from
+# them fits int64 (seq=10**30 overflowed in torch.randint): the longest published context is 10M
+# tokens, a case is a few steps, ranks are processes on one machine, and a step of 2**32 tokens
+# (batch x seq) holds more activations than any device.
+_MAX: Final = {"batch": 2**20, "seq": 2**24, "steps": 10_000, "ranks": 1024}
+_MAX_TOKENS: Final = 2**32
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{name}={value!r} must be an integer")
     if value < 1:
         raise SpecError(f"{name}={value!r} must be >= 1")
+    if value > _MAX[name]:
+        raise SpecError(f"{name}={value!r} must be at most {_MAX[name]:,}")
     return value
 
 
@@ -156,11 +166,13 @@ def check_field(name: str, value: object) -> object:
     elif name == "stage":
         if not _is_one_of(value, STAGES):
             raise _known("stage", value, STAGES)
-    elif name in ("batch", "seq", "steps"):
+    elif name in _MAX:
         return _positive_int(name, value)
     elif name == "seed":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SpecError(f"seed={value!r} must be an integer >= 0")
+        if value >= 2**63:  # torch's generators take an int64
+            raise SpecError(f"seed={value!r} must be below 2**63 ({2**63:,})")
     elif name == "attention":
         if not _is_one_of(value, ATTENTIONS):
             raise _known("attention", value, ATTENTIONS)
@@ -178,8 +190,6 @@ def check_field(name: str, value: object) -> object:
     elif name == "offload":
         if not _is_one_of(value, OFFLOADS):
             raise _known("offload", value, OFFLOADS)
-    elif name == "ranks":
-        return _positive_int(name, value)
     elif name not in ("method_options", "optimizer_options"):
         raise unknown_name(f"step argument {name!r}", name, FIELDS)
     return value
@@ -225,16 +235,15 @@ class StepSpec:
                 object.__setattr__(self, "model", key)
                 object.__setattr__(self, "model_config", text)
                 model_configs.register(key, text)
+        # options are checked against their owner below; deepspeed and model_config were read
+        # and entered above
+        skipped = ("method_options", "optimizer_options", "deepspeed", "model_config")
         for field in dataclasses.fields(self):
-            # options are checked against their owner below; deepspeed and model_config
-            # were read and entered above
-            if field.name not in (
-                "method_options",
-                "optimizer_options",
-                "deepspeed",
-                "model_config",
-            ):
+            if field.name not in skipped:
                 check_field(field.name, getattr(self, field.name))
+        if (tokens := self.batch * self.seq) > _MAX_TOKENS:
+            at_most = f"{tokens:,} tokens a step; at most {_MAX_TOKENS:,}"
+            raise SpecError(f"batch={self.batch} x seq={self.seq} is {at_most}")
         method = methods.METHODS[self.method]
         optimizer = methods.OPTIMIZERS[self.optimizer]
         mopts = _options("method_options", self.method_options, method.options, self.method)

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Final
 
 from pytest_vram.errors import SpecError
 
-__all__ = ["BINARY_UNITS", "format_bytes", "format_pair", "parse_fraction", "parse_size"]
+__all__ = [
+    "BINARY_UNITS",
+    "format_bytes",
+    "format_gib",
+    "format_pair",
+    "parse_fraction",
+    "parse_size",
+]
 
 GIB: Final = 2**30
 # Binary units only: a GPU maker's "24 GB" card holds 24 GiB while SI's 24 GB is 24e9 bytes,
@@ -168,6 +176,17 @@ def format_bytes(nbytes: int, *, sign: bool = False) -> str:
     return _render(nbytes, unit, scale, _decimals(nbytes, scale), sign)
 
 
+def _apart(values: Sequence[int], scale: int, decimals: int) -> int | None:
+    """The fewest decimals from ``decimals`` at which values that differ print differently in
+    units of ``scale``; None beyond a float's precision."""
+    distinct = set(values)
+    while decimals <= _MAX_DECIMALS:
+        if len({_render(v, "", scale, decimals, False) for v in distinct}) == len(distinct):
+            return decimals
+        decimals += 1
+    return None
+
+
 def format_pair(first: int, second: int) -> tuple[str, str]:
     """Two byte counts as one message prints them side by side: each in its own unit when one
     is at least twice the other; else both in the larger's unit, with digits added until two
@@ -176,14 +195,19 @@ def format_pair(first: int, second: int) -> tuple[str, str]:
     if high >= 2 * low:
         return format_bytes(first), format_bytes(second)
     unit, scale = _unit(high)
-    decimals = _decimals(high, scale)
-    while True:
-        pair = (
-            _render(first, unit, scale, decimals, False),
-            _render(second, unit, scale, decimals, False),
-        )
-        if first == second or pair[0] != pair[1]:
-            return pair
-        if decimals >= _MAX_DECIMALS:  # beyond a float's precision: the byte counts
-            return f"{first:,d} B", f"{second:,d} B"
-        decimals += 1
+    decimals = _apart((first, second), scale, _decimals(high, scale))
+    if decimals is None:  # the byte counts
+        return f"{first:,d} B", f"{second:,d} B"
+    return (
+        _render(first, unit, scale, decimals, False),
+        _render(second, unit, scale, decimals, False),
+    )
+
+
+def format_gib(values: Sequence[int | None], decimals: int = 3) -> list[str]:
+    """Byte counts as bare GiB numbers for a column headed GiB (None as ``-``): ``decimals``
+    places, or as many more as tell apart any two of them that differ."""
+    given = [v for v in values if v is not None]
+    places = _apart(given, GIB, decimals)
+    places = _MAX_DECIMALS if places is None else places
+    return ["-" if v is None else f"{v / GIB:.{places}f}" for v in values]

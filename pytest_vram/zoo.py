@@ -34,13 +34,21 @@ __all__ = [
 ModelKind = Literal["causal-lm", "vision-language"]
 
 # Why the fake meter (FakeTensorMode: tensors without values) cannot trace a kind of model,
-# naming the library call; None: it can. Every kind has an entry.
+# naming the library call; None: it can. Every kind has an entry; the zoo's vision-language
+# models are Qwen2-VL's.
 FAKE_METER_BLOCKERS: Final[Mapping[ModelKind, str | None]] = {
     "causal-lm": None,
     "vision-language": "Qwen2-VL places its 3-D rotary positions by the values of the image "
     "grid and the token ids (transformers.vision_utils.get_vision_position_ids); fake tensors "
     "hold no values",
 }
+# The model types the Qwen2-VL reason is true of; what every vision-language model does (LLaVA's
+# get_placeholder_mask counts the image tokens) is said of the others, by their model type.
+_GRID_POSITIONS: Final = ("qwen2_vl", "qwen2_5_vl")
+_IMAGE_TOKENS: Final = (
+    "a {model_type!r} vision-language model finds where its image features go by the values "
+    "of its token ids (the image token's places); fake tensors hold no values"
+)
 
 
 @final
@@ -58,6 +66,8 @@ class ModelShape:
 
     @property
     def fake_meter_blocker(self) -> str | None:
+        if self.kind == "vision-language" and self.model_type not in _GRID_POSITIONS:
+            return _IMAGE_TOKENS.format(model_type=self.model_type)
         return FAKE_METER_BLOCKERS[self.kind]
 
 

@@ -60,9 +60,14 @@ def test_llama_7b_breakdown_and_capacity(capsys: pytest.CaptureFixture[str]) -> 
         r"^  LLaMA-Factory table +60 GB \(Full \(pure_bf16\), 16 bits, 7B\)$", out, re.M
     )
     peak = re.search(r"^  peak +([\d.]+) GiB$", out, re.M)
-    assert peak is not None
-    short = float(peak.group(1)) - 48
-    assert f"capacity 48.00 GiB: OUT OF MEMORY predicted by {short:.2f} GiB" in out
+    line = re.search(
+        r"^capacity 48\.00 GiB: OUT OF MEMORY predicted by ([\d.]+) GiB \(peak ([\d.]+) GiB\)$",
+        out,
+        re.M,
+    )
+    assert peak is not None and line is not None, out
+    assert abs(float(line.group(1)) - (float(peak.group(1)) - 48)) < 0.01
+    assert abs(float(line.group(2)) - float(peak.group(1))) < 0.01
 
     assert main([*args, "--capacity-gb", "64", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -85,11 +90,25 @@ def test_capacity_at_the_peak_fits_and_one_byte_less_does_not() -> None:
         return Estimate(spec, result, 1, "no DeepSpeed", None, capacity)
 
     assert capacity_line(at(None)) is None and json_object(at(None))["capacity"] is None
-    assert capacity_line(at(GIB)) == "capacity 1.00 GiB: FITS, 0.00 GiB to spare"
+    assert capacity_line(at(GIB)) == "capacity 1.000 GiB: FITS, 0 B to spare (peak 1.000 GiB)"
     short = json_object(at(GIB - 1))["capacity"]
     assert (short["fits"], short["headroom_bytes"]) == (False, -1)
-    assert short["message"] == "capacity 1.00 GiB: OUT OF MEMORY predicted by 0.00 GiB"
+    # read "1.00 GiB ... predicted by 0.00 GiB": digits enough to tell capacity and peak apart
+    assert short["message"] == (
+        "capacity 0.999999999 GiB: OUT OF MEMORY predicted by 1 B (peak 1.000000000 GiB)"
+    )
     assert list(text_lines(at(GIB - 1)))[-1] == short["message"]
+
+
+@pytest.mark.parametrize(
+    ("given", "capacity"),
+    [("24GiB", 24 * GIB), ("512 MiB", 2**29), ("0.5", GIB // 2), ("48", 48 * GIB)],
+)
+def test_capacity_takes_a_size_with_its_unit_as_the_marker_does(
+    given: str, capacity: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["estimate", "tiny-llama", "--seq", "8", "--capacity-gb", given, "--json"])
+    assert json.loads(capsys.readouterr().out)["capacity"]["capacity_bytes"] == capacity
 
 
 def test_qwen_32b_zero3_deepspeed_column(capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,6 +222,11 @@ def test_config_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         (["tiny-llama", "--offload", "both"], "offload='both' needs zero=3; got zero=None"),
         (["tiny-llama", "--zero", "2", "--offload", "param"], "needs zero=3; got zero=2"),
         (["tiny-llama", "--capacity-gb", "0"], "--capacity-gb=0.0 must be > 0"),
+        (["tiny-llama", "--capacity-gb", "24GB"], "--capacity-gb='24GB': GB is ambiguous"),
+        (["tiny-llama", "--capacity-gb", "lots"], "--capacity-gb='lots' is not a size"),
+        (["tiny-llama", "--capacity-gb", "inf"], "--capacity-gb=inf must be a number (GiB)"),
+        # an overflow inside torch before
+        (["tiny-llama", "--seq", str(10**30)], f"seq={10**30} must be at most 16,777,216"),
     ],
 )
 def test_bad_input_exits_2_with_the_message(

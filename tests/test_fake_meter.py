@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import pytest
 import torch
@@ -78,6 +80,29 @@ def test_what_needs_values_is_unsupported(extra: dict[str, Any], culprit: str) -
     with pytest.raises(errors.Unsupported, match="is not supported on the fake meter") as info:
         run_step(spec, FakeMeter())
     assert culprit in str(info.value)
+
+
+LLAVA: Final = {
+    "model_type": "llava",
+    "image_token_id": 32000,
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 64, "patch_size": 14},
+    "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 64},
+}
+
+
+def test_a_vision_language_config_is_refused_for_its_own_model_type(tmp_path: Path) -> None:
+    """Qwen2-VL's reason (3-D rotary positions) was given for every config with a vision
+    tower; a LLaVA model finds where its image features go by its token ids' values."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAVA))
+    spec = StepSpec(model=str(path))
+    assert FakeMeter.unsupported(spec) == (
+        f"{spec.model} is not supported on the fake meter: a 'llava' vision-language model "
+        "finds where its image features go by the values of its token ids (the image "
+        "token's places); fake tensors hold no values"
+    )
+    qwen2_vl = FakeMeter.unsupported(StepSpec(model="tiny-qwen2-vl")) or ""
+    assert "Qwen2-VL places its 3-D rotary positions" in qwen2_vl
 
 
 def test_fake_is_a_meter_choice() -> None:

@@ -113,6 +113,21 @@ def test_bad_configs_name_the_value(tmp_path: Path, write: str | None, message: 
         StepSpec(model=str(target))
 
 
+def test_a_config_asking_for_remote_code_is_refused_naming_auto_map(tmp_path: Path) -> None:
+    auto_map = {"AutoModelForCausalLM": "modeling_ours.OurForCausalLM"}
+    path = folder(tmp_path, "ours", auto_map=auto_map)
+    with pytest.raises(SpecError) as info:
+        StepSpec(model=str(path))
+    assert str(info.value) == (
+        f"model {str(path)!r}: its config.json asks for remote code (auto_map: "
+        "AutoModelForCausalLM), which pytest-vram never runs: remove auto_map to measure the "
+        "stock 'llama' architecture of transformers"
+    )
+    # the same file without it is the stock architecture
+    (path / "config.json").write_text(json.dumps(tiny_config()))
+    assert StepSpec(model=str(path)).model.startswith("ours@")
+
+
 def test_a_model_type_transformers_lacks_fails_where_the_model_is_built(tmp_path: Path) -> None:
     spec = StepSpec(model=str(folder(tmp_path, "odd", model_type="no-such-arch")), seq=8)
     with pytest.raises(SpecError, match=r"model 'odd@[0-9a-f]{8}': .*no-such-arch"):

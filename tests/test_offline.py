@@ -41,13 +41,15 @@ def test_cases_run_with_the_hub_offline_unless_the_user_says_otherwise(
 
 
 def test_a_config_asking_for_remote_code_never_runs_it(tmp_path: Path) -> None:
+    """A model_type transformers knows: the stock class would build, so only the auto_map
+    check can refuse it (an unknown model_type is refused for that alone)."""
     ran = tmp_path / "remote-code-ran"
     (tmp_path / "modeling_evil.py").write_text(
         f"open({str(ran)!r}, 'w').write('imported')\n", encoding="utf-8"
     )
     config = {
         **TINY_SHAPE,
-        "model_type": "evil",
+        "model_type": "llama",
         "architectures": ["EvilForCausalLM"],
         "auto_map": {
             "AutoConfig": "modeling_evil.EvilConfig",
@@ -57,12 +59,16 @@ def test_a_config_asking_for_remote_code_never_runs_it(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config), encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest_vram.cli", "estimate", str(path)],
+        [sys.executable, "-m", "pytest_vram.cli", "estimate", str(path), "--seq", "8"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert not ran.exists(), "the config's remote code was imported"
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("pytest-vram estimate: ") and "evil" in line, line
+    assert line == (
+        f"pytest-vram estimate: model {str(path)!r}: its config.json asks for remote code "
+        "(auto_map: AutoConfig, AutoModelForCausalLM), which pytest-vram never runs: remove "
+        "auto_map to measure the stock 'llama' architecture of transformers"
+    ), line

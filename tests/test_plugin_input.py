@@ -230,6 +230,12 @@ def test_bad_step_message_is_shown_once(vram_project) -> None:
         ),
         (["--vram-tolerance=150%"], {}, "ERROR: --vram-tolerance='150%' must be 100% or less"),
         (["--vram-timeout=0"], {}, "ERROR: --vram-timeout='0' must be a number of seconds > 0"),
+        # was accepted, then every case failed with an OverflowError
+        (
+            ["--vram-timeout=1e12"],
+            {},
+            "ERROR: --vram-timeout='1e12' is more than a week: at most 604800 seconds",
+        ),
         (["--vram-device=tpu"], {}, "ERROR: --vram-device='tpu'; choose one of: host, cuda, fake"),
         (
             ["--vram-peak-source=max"],
@@ -252,6 +258,11 @@ def test_bad_step_message_is_shown_once(vram_project) -> None:
             [],
             {"vram_timeout": "-3"},
             "ERROR: ini vram_timeout = '-3': --vram-timeout='-3' must be a number of seconds > 0",
+        ),
+        (
+            [],
+            {"vram_timeout": "1e300"},
+            "ERROR: ini vram_timeout = '1e300': --vram-timeout='1e300' is more than a week: *",
         ),
         ([], {"vram_update": "maybe"}, "ERROR: ini vram_update = 'maybe': expected true or false*"),
     ],
@@ -321,3 +332,20 @@ def test_tolerance_option_takes_a_fraction_or_a_percentage(vram_project, args, i
         """
     )
     vram_project.run(*args).assert_outcomes(passed=1)
+
+
+def test_the_longest_timeout_accepted_is_one_a_case_can_wait() -> None:
+    """The worker waits for a case with ``multiprocessing.connection.wait``, whose poll takes
+    a C int of milliseconds: 1e7 s raised OverflowError there, in every case."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    from pytest_vram.options import _timeout
+
+    longest = _timeout("604800")
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    writer.send("done")
+    assert multiprocessing.connection.wait([reader], timeout=longest) == [reader]
+    for beyond in ("604800.5", "1e7", "inf"):
+        with pytest.raises(pytest.UsageError, match=f"--vram-timeout='{beyond}'"):
+            _timeout(beyond)

@@ -71,16 +71,32 @@ def test_table_columns_and_verdicts() -> None:
             "+0.0%",
             "FAIL over-budget",
         ],
-        ["test_up", "tiny-llama full adamw bf16 b1 s32", "0.000", "-", "0.000", "+10.0%"]
+        # 1100 and 1000 bytes: as many decimals as tell them apart
+        ["test_up", "tiny-llama full adamw bf16 b1 s32", "0.0000010", "-", "0.0000009", "+10.0%"]
         + ["FAIL drift-up"],
         ["test_new", "tiny-llama full adamw bf16 b1 s32", "0.500", "-", "-", "-"]
         + ["FAIL no-baseline"],
-        ["test_down", "qwen2.5-7b lora adamw bf16 b1 s128", "0.000", "-", "0.000", "-10.0%"]
-        + ["drift-down"],
+        ["test_down", "qwen2.5-7b lora adamw bf16 b1 s128", "0.0000008", "-", "0.0000009"]
+        + ["-10.0%", "drift-down"],
     ]
     # a drift down is not a failure, but its note is printed under the table
     assert lines[6].startswith("note: test_down: peak 900 B is -10.0% (-100 B) from baseline")
     assert len(lines) == 7
+
+
+def test_numbers_that_differ_never_print_the_same() -> None:
+    """A peak one byte over a 0.012 GiB budget read ``0.012  0.012``; so did a peak one byte
+    over its baseline. The row's numbers get the decimals that tell them apart."""
+    budget = int(0.012 * GIB)
+    rows = [
+        row("test_over", budget + 1, budget + 1, budget),
+        row("test_up", budget + 1, budget),
+        row("test_same", budget, budget, budget),
+    ]
+    over, up, same = (cells(line)[2:5] for line in list(Summary(rows=rows).lines())[1:4])
+    assert over == ["0.012000000", "0.011999999", "0.012000000"]
+    assert up == ["0.012000000", "-", "0.011999999"]
+    assert same == ["0.012", "0.012", "0.012"]  # equal numbers keep three decimals
 
 
 def test_text_columns_are_left_aligned_and_numbers_right_aligned() -> None:

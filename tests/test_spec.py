@@ -194,3 +194,42 @@ def test_options_given_as_a_tuple_must_be_name_value_pairs() -> None:
         StepSpec(model="tiny-llama", method_options=("00", "00"))
     spec = StepSpec(model="tiny-llama", method="lora", method_options=(("rank", 4),))
     assert spec.method_option("rank") == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # each reached torch before and crashed inside the case (an overflow in randint or
+        # manual_seed)
+        ({"seq": 10**30}, f"seq={10**30} must be at most 16,777,216"),
+        ({"seed": 2**80}, f"seed={2**80} must be below 2**63 (9,223,372,036,854,775,808)"),
+        ({"batch": 2**20 + 1}, "batch=1048577 must be at most 1,048,576"),
+        ({"steps": 10_001}, "steps=10001 must be at most 10,000"),
+        ({"zero": 3, "ranks": 1025}, "ranks=1025 must be at most 1,024"),
+        (
+            {"batch": 2**16, "seq": 2**17},
+            "batch=65536 x seq=131072 is 8,589,934,592 tokens a step; at most 4,294,967,296",
+        ),
+    ],
+    ids=["seq", "seed", "batch", "steps", "ranks", "tokens"],
+)
+def test_integers_beyond_any_real_run_are_refused_naming_the_limit(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        StepSpec.from_kwargs(model="tiny-llama", **kwargs)
+    assert message in str(info.value)
+
+
+def test_the_largest_accepted_integers_fit_torch_int64() -> None:
+    from pytest_vram import marker
+
+    spec = StepSpec(model="tiny-llama", seed=2**63 - 1, seq=2**24, batch=2**8, steps=10_000)
+    # the inputs of a DPO step are twice the batch; a shape and a seed are int64 in torch
+    assert 2 * spec.batch * spec.seq < 2**63 and spec.seed < 2**63
+    assert StepSpec(model="tiny-llama", batch=2**20, seq=2**12).batch == 2**20
+    assert StepSpec(model="tiny-llama", zero=3, ranks=1024).ranks == 1024
+    # vram.measure(fn, ranks=N) is checked by the same rule
+    assert marker.check_ranks(1024) == 1024
+    with pytest.raises(SpecError, match="ranks=1025 must be at most 1,024"):
+        marker.check_ranks(1025)

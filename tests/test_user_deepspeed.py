@@ -75,6 +75,65 @@ def test_what_cannot_run_is_refused_naming_the_key(config: Any, message: str) ->
         StepSpec(model="tiny-llama", deepspeed=config)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # was found only in the rank, under transformers' text
+        ({"bf16": {"enabled": "maybe"}}, "deepspeed: bf16.enabled='maybe' must be true, false"),
+        ({"fp16": True}, """deepspeed: fp16=True must be an object, e.g. {"enabled": "auto"}"""),
+        (
+            {"train_micro_batch_size_per_gpu": "2"},
+            "deepspeed: train_micro_batch_size_per_gpu='2' must be an integer >= 1 (below 2**63) "
+            'or "auto"',
+        ),
+        (
+            {"gradient_accumulation_steps": 0},
+            "deepspeed: gradient_accumulation_steps=0 must be an integer >= 1",
+        ),
+        ({"train_batch_size": 2.5}, "deepspeed: train_batch_size=2.5 must be an integer >= 1"),
+        (
+            {"gradient_clipping": "1.0"},
+            "deepspeed: gradient_clipping='1.0' must be a number >= 0 (below 2**63) or \"auto\"",
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "reduce_bucket_size": "5e8"}},
+            "deepspeed: zero_optimization.reduce_bucket_size='5e8' must be a number >= 0",
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": True}},
+            "deepspeed: zero_optimization.stage3_prefetch_bucket_size=True must be a number",
+        ),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": [1e-5]}}},
+            "deepspeed: scheduler.params.warmup_max_lr=[1e-05] must be a number >= 0",
+        ),
+    ],
+    ids=["bf16", "fp16", "micro", "accumulation", "batch", "clip", "bucket", "prefetch", "lr"],
+)
+def test_a_value_transformers_fills_has_its_type_at_spec_time(
+    changes: dict[str, Any], message: str
+) -> None:
+    """Checked in the pytest process, torch-free, so the first line names the key; it was
+    found in the rank, under transformers' mismatch text."""
+    with pytest.raises(SpecError) as info:
+        StepSpec(model="tiny-llama", deepspeed={**json.loads(Z3.read_text()), **changes})
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(message), first
+
+
+def test_values_of_the_right_type_are_taken_as_written() -> None:
+    config = {
+        **json.loads(Z3.read_text()),
+        "bf16": {"enabled": True},
+        "fp16": None,  # transformers and DeepSpeed read null as not given
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 1,
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": 5e8},
+    }
+    spec = StepSpec(model="tiny-llama", batch=2, deepspeed=config)
+    assert json.loads(spec.deepspeed) == config
+
+
 def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "ds.json"
     bad.write_text("{not json")
@@ -115,8 +174,14 @@ def test_a_fixed_value_that_contradicts_the_step_is_transformers_mismatch() -> N
 
     config = {**json.loads(Z3.read_text()), "train_micro_batch_size_per_gpu": 8}
     spec = StepSpec(model="tiny-llama", batch=2, deepspeed=config)
-    with pytest.raises(SpecError, match=r"train_micro_batch_size_per_gpu=8 vs"):
+    with pytest.raises(SpecError) as info:
         user_config.resolve(spec, zoo.build_model("tiny-llama", torch.bfloat16))
+    # one line that names the key: a rank's failure shows the first line of its error
+    assert str(info.value) == (
+        "deepspeed: train_micro_batch_size_per_gpu=8 vs the step's "
+        'per_device_train_batch_size=2 (in TrainingArguments\' terms); set them to "auto" '
+        "or to the step's values"
+    )
 
 
 USER_STACK = """

@@ -81,8 +81,64 @@ def _device(zero: Mapping[str, Any], part: str) -> str:
     return str(device)
 
 
+# The keys transformers' HfTrainerDeepSpeedConfig fills when "auto" and otherwise compares with
+# the step, by what each must hold (the optimizer's are refused with its section).
+_FLAG: Final = 'true, false or "auto"'
+# DeepSpeed keeps counts and sizes as int64
+_COUNT: Final = 'an integer >= 1 (below 2**63) or "auto"'
+_NUMBER: Final = 'a number >= 0 (below 2**63) or "auto"'
+_FILLED: Final = {
+    "train_micro_batch_size_per_gpu": _COUNT,
+    "gradient_accumulation_steps": _COUNT,
+    "train_batch_size": _COUNT,
+    "gradient_clipping": _NUMBER,
+    "fp16.enabled": _FLAG,
+    "bf16.enabled": _FLAG,
+    "scheduler.params.warmup_min_lr": _NUMBER,
+    "scheduler.params.warmup_max_lr": _NUMBER,
+    "scheduler.params.warmup_num_steps": _NUMBER,
+    "scheduler.params.total_num_steps": _NUMBER,
+    "zero_optimization.reduce_bucket_size": _NUMBER,
+    "zero_optimization.stage3_prefetch_bucket_size": _NUMBER,
+    "zero_optimization.stage3_param_persistence_threshold": _NUMBER,
+}
+
+
+def _holds(value: object, kind: str) -> bool:
+    if value == "auto" or value is None:  # null: not given, for transformers and DeepSpeed
+        return True
+    if kind == _FLAG:
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind == _COUNT:
+        return isinstance(value, int) and 1 <= value < 2**63
+    return 0 <= value < 2**63  # false for nan
+
+
+def _check_filled(config: Mapping[str, Any]) -> None:
+    """The values transformers fills or compares, by type, in the pytest process: in the rank a
+    wrong one (``bf16.enabled: "maybe"``) is only a mismatch with the step, after the model is
+    built."""
+    for key, kind in _FILLED.items():
+        node: Any = config
+        *parents, last = key.split(".")
+        for depth, part in enumerate(parents):
+            node = node.get(part)
+            if node is None:
+                break
+            if not isinstance(node, Mapping):
+                where = ".".join(parents[: depth + 1])
+                example = '{"enabled": "auto"}' if last == "enabled" else "{...}"
+                raise SpecError(f"deepspeed: {where}={node!r} must be an object, e.g. {example}")
+        else:
+            if not _holds(node.get(last), kind):
+                raise SpecError(f"deepspeed: {key}={node.get(last)!r} must be {kind}")
+
+
 def stage_and_offload(config: Mapping[str, Any]) -> tuple[int, str]:
     """The ZeRO stage and the spec's ``offload`` word that the config amounts to."""
+    _check_filled(config)
     zero = config.get("zero_optimization", {})
     if not isinstance(zero, Mapping):
         raise SpecError(f"deepspeed: zero_optimization={zero!r} must be an object")
@@ -134,7 +190,18 @@ def resolve(spec: StepSpec, model: torch.nn.Module) -> dict[str, Any]:
         hf.trainer_config_process(args)  # type: ignore[no-untyped-call]
         hf.trainer_config_finalize(args, model, spec.steps)  # type: ignore[no-untyped-call]
     except ValueError as exc:
-        raise SpecError(f"deepspeed: {exc}") from None
+        # One line, naming the keys: a rank's failure shows the first line of its error, and
+        # transformers' list of mismatches starts with a heading.
+        mismatches = [
+            line.removeprefix("- ds ").replace(" vs hf ", " vs the step's ")
+            for line in getattr(hf, "mismatches", [])
+        ]
+        if not mismatches:
+            raise SpecError(f"deepspeed: {' '.join(str(exc).split())}") from None
+        raise SpecError(
+            f"deepspeed: {'; '.join(mismatches)} (in TrainingArguments' terms); set them to "
+            '"auto" or to the step\'s values'
+        ) from None
     finally:
         # The config object registers itself globally (for from_pretrained's zero.Init): the
         # model is built already, and later cases in this process must not see it.
