@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -27,15 +28,29 @@ from pytest_vram.spec import StepSpec
 from pytest_vram.verdict import Budget, CaseVerdict, judge
 from pytest_vram.worker import Job, Worker
 
-__all__ = ["VramSession", "split_nodeid"]
+__all__ = ["VramSession", "baseline_key"]
 
 _PROPERTY: Final = "vram"
 # Host baselines need no probe of the device; cuda fingerprints come back with the first result.
 
 
-def split_nodeid(nodeid: str) -> tuple[str, str]:
-    module, _, test = nodeid.partition("::")
-    return module, test
+def baseline_key(item: pytest.Item, rootpath: Path) -> tuple[str, str]:
+    """(module, test): the test file's path from the rootdir, with ``/``, and the rest of the
+    node id. Inside the rootdir that path is the node id's own. Outside it, pytest's node id is
+    relative to the argument that named the file ("" for the file itself), so two files could
+    share one baseline file and a refresh of one dropped the other's entries as unused. A
+    ``..`` path is one per file, the same however the file is named, and the same on another
+    checkout of the same layout, which a hash of the absolute path would not be; the store
+    keeps it inside the device folder (BaselineStore.path_for)."""
+    try:
+        module = Path(os.path.relpath(item.path, rootpath)).as_posix()
+    except ValueError:  # Windows, another drive: no relative path; "C:" becomes a name of its own
+        module = item.path.as_posix()
+    return module, _test_id(item.nodeid)
+
+
+def _test_id(nodeid: str) -> str:
+    return nodeid.partition("::")[2]
 
 
 @final
@@ -103,7 +118,7 @@ class VramSession:
     @pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: deselected tests are not "unused"
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:
-            module, test = split_nodeid(item.nodeid)
+            module, test = baseline_key(item, self.config.rootpath)
             self.collected[module].add(test)
             parent = item.getparent(pytest.Module)
             if parent is not None:
@@ -182,13 +197,14 @@ class VramSession:
         results: list[MemoryResult],
         completed: bool,
     ) -> list[CaseVerdict]:
-        module, test = split_nodeid(item.nodeid)
+        module, test = baseline_key(item, self.config.rootpath)
         tolerance = (
             args.tolerance if args and args.tolerance is not None else self.settings.tolerance
         )
         leak = args.leak_tolerance if args else 0.0
         budget = Budget(args.budget_bytes if args else None, tolerance, leak)
-        hint = f"pytest-vram refresh '{item.nodeid}'"
+        # A path from the rootdir, as pytest takes it there: an outside file's node id is not.
+        hint = f"pytest-vram refresh '{module}::{test}'"
         verdicts = []
         seen: dict[str, int] = defaultdict(int)
         capacities = item.stash.get(CAPACITIES, [])
@@ -258,7 +274,7 @@ class VramSession:
         while stack:
             for child in stack.pop().collect():
                 if isinstance(child, pytest.Item):
-                    tests.add(split_nodeid(child.nodeid)[1])
+                    tests.add(_test_id(child.nodeid))
                 elif isinstance(child, pytest.Collector):
                     stack.append(child)
         return tests

@@ -54,11 +54,52 @@ def _poll_while(procs: Sequence[subprocess.Popen[str]], path: Path, timeout_s: f
     return poll
 
 
+# The inner project's conftest: each xdist worker, once its tests ran, waits at the end of its
+# session until every worker of both sessions is there, so their baseline writes (the plugin's
+# own pytest_sessionfinish, after this tryfirst one) start within a few milliseconds of each
+# other. Without it the two sessions finish seconds apart and write one after the other: the
+# test passed with the lock removed. A ready file holds how many tests its worker ran.
+BARRIER = """
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+BARRIER = Path(__file__).parent / "barrier"
+WRITERS = {writers}
+ran = 0
+
+
+def pytest_runtest_call(item):
+    global ran
+    ran += 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller writes no baselines
+        return
+    BARRIER.mkdir(exist_ok=True)
+    tmp = BARRIER / f".{{os.getpid()}}.tmp"
+    tmp.write_text(str(ran))
+    os.replace(tmp, BARRIER / f"ready-{{os.getpid()}}")
+    deadline = time.monotonic() + 300
+    while len(list(BARRIER.glob("ready-*"))) < WRITERS:
+        if time.monotonic() > deadline:
+            (BARRIER / f"late-{{os.getpid()}}").touch()
+            return
+        time.sleep(0.001)
+"""
+
+
 def test_two_refreshing_sessions_with_xdist_lose_no_entry(tmp_path: Path) -> None:
+    sessions, workers = 2, 2
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "test_mem.py").write_text(MODULE)
+    (tmp_path / "conftest.py").write_text(BARRIER.format(writers=sessions * workers))
     path = tmp_path / "baselines" / "host-cpu" / "test_mem.json"
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2"]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", str(workers)]
     command += ["--vram-update", "-q", "-k"]
     procs = [
         subprocess.Popen(
@@ -78,18 +119,23 @@ def test_two_refreshing_sessions_with_xdist_lose_no_entry(tmp_path: Path) -> Non
         assert f"{2 * CASES} passed" in out, out  # xdist does not count the deselected
         assert f"vram baselines: {2 * CASES} created, 0 updated, 0 unchanged, 0 unused" in out
 
+    barrier = tmp_path / "barrier"
+    assert not list(barrier.glob("late-*")), "a worker waited in vain: the writes did not race"
+    ran = sorted(int(p.read_text()) for p in barrier.glob("ready-*"))
+    assert len(ran) == sessions * workers and sum(ran) == 4 * CASES, ran
+    assert all(ran), f"a worker ran no test, so it had nothing to write: {ran}"
     entries = json.loads(path.read_text("utf-8"))["entries"]
     expected = {
         f"test_{name}[{n}]" for name in ("alpha", "bravo", "charlie", "delta") for n in range(CASES)
     }
-    assert set(entries) == expected
+    assert set(entries) == expected, f"lost: {sorted(expected - set(entries))}"
     # the argument is part of each call's label
     assert all(list(cases) == [f"test_mem.touch({t[-2]})"] for t, cases in entries.items())
     assert poll.reads > 0, "the file was never seen while the writers ran"
     print(
-        f"\n{len(expected)} entries written by 2 sessions x 2 workers, {len(entries)} found; "
-        f"{poll.reads} reads parsed ({len(poll.versions)} distinct contents), "
-        f"{poll.absent} before the file existed"
+        f"\n{len(expected)} entries written by {sessions} sessions x {workers} workers at once "
+        f"(tests per worker: {ran}), {len(entries)} found; {poll.reads} reads parsed "
+        f"({len(poll.versions)} distinct contents), {poll.absent} before the file existed"
     )
 
 

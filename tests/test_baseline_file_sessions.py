@@ -137,8 +137,11 @@ def test_hostile_ids_and_module_names_write_only_into_baselines_and_report(
         "baselines/.pytest-vram-lock/.gitignore",
         "baselines/host-cpu/test_llama3.json",
         "baselines/host-cpu/test_llama3.1.json",
-        # the outside file's node id has an empty module part
-        BaselineStore(root / "baselines", "host-cpu").path_for("").relative_to(root).as_posix(),
+        # the outside file is keyed by its path from the rootdir, ".." included
+        BaselineStore(root / "baselines", "host-cpu")
+        .path_for("../outside/test_out.py")
+        .relative_to(root)
+        .as_posix(),
         "report/vram.json",
     }, output(result)
     hostile = json.loads((root / "baselines/host-cpu/test_llama3.1.json").read_text())["entries"]
@@ -154,6 +157,47 @@ def test_hostile_ids_and_module_names_write_only_into_baselines_and_report(
     assert json.loads((root / "baselines/host-cpu/test_llama3.1.json").read_text())["entries"] == (
         hostile
     )
+
+
+OUTSIDE = "def test_same(vram):\n    vram.step(model='tiny-llama', batch=1, seq={seq})\n"
+
+
+def test_test_files_outside_the_rootdir_keep_baseline_files_of_their_own(pytester) -> None:
+    """pytest gives a file outside the rootdir a node id relative to the argument that named
+    it ("" for the file itself), so such files shared a key: refreshing one dropped the
+    other's cases as unused. The key is the path from the rootdir, however the file is named."""
+    root = pytester.mkdir("root")
+    (root / "pytest.ini").write_text("[pytest]\n")
+    for name, seq in (("o1", 32), ("o2", 64)):
+        folder = pytester.path / "outside" / name
+        folder.mkdir(parents=True)
+        folder.joinpath("test_x.py").write_text(OUTSIDE.format(seq=seq))
+    common = ["-p", "no:cacheprovider", "-c", "root/pytest.ini", "--rootdir=root"]
+    common += ["--import-mode=importlib", "--vram-update"]
+    folder = root / "baselines" / "host-cpu"
+
+    def cases() -> dict[str, set[str]]:
+        """Each baseline file (inside the device folder) -> the case labels it holds."""
+        return {
+            p.relative_to(folder).as_posix(): set(json.loads(p.read_text())["entries"]["test_same"])
+            for p in folder.rglob("*.json")
+        }
+
+    first = pytester.runpytest(*common, "outside/o1/test_x.py", "outside/o2/test_x.py")
+    first.assert_outcomes(passed=2)
+    recorded = cases()
+    assert sorted(recorded.values(), key=sorted) == [
+        {"tiny-llama full adamw bf16 b1 s32"},
+        {"tiny-llama full adamw bf16 b1 s64"},
+    ], output(first)
+    assert all("/outside/o" in name for name in recorded), recorded
+
+    # A refresh of one keeps the other's entry; the file named, or its folder: the same key.
+    for selection in ("outside/o1/test_x.py", "outside/o2"):
+        again = pytester.runpytest(*common, selection)
+        again.assert_outcomes(passed=1)
+        again.stdout.fnmatch_lines(["vram baselines: 0 created, 0 updated, 1 unchanged, 0 unused"])
+        assert cases() == recorded, output(again)
 
 
 class _Opens:

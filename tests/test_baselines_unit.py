@@ -115,6 +115,42 @@ def test_a_repeated_case_may_be_keyed_by_its_label_and_a_number(store: BaselineS
     assert merge.removed == 1
 
 
+# A file as an editor or another JSON tool leaves it: same entries, other text.
+HAND_FORMATS = {
+    "no trailing newline": lambda doc: json.dumps(doc, sort_keys=True, indent=2),
+    "indent 4": lambda doc: json.dumps(doc, sort_keys=True, indent=4) + "\n",
+    "unsorted, one line": lambda doc: json.dumps(dict(reversed(doc.items()))),
+    "escaped ids": lambda doc: json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True),
+}
+
+
+@pytest.mark.parametrize("dump", HAND_FORMATS.values(), ids=HAND_FORMATS)
+def test_a_write_that_changes_no_entry_leaves_a_hand_formatted_file_alone(
+    store: BaselineStore, dump: Any
+) -> None:
+    """Only the entries decide: rewriting a file whose text alone differs would churn the
+    user's diff, and a refresh does not say it reformatted anything."""
+    path = store.path_for(MODULE)
+    path.parent.mkdir(parents=True)
+    # test_c is invalid (a string peak): kept as it is, so it must not force a write either
+    tests = {"test_\u00fc": {LABEL: GOOD}, "test_b": {LABEL: OTHER}}
+    tests["test_c"] = {LABEL: entry(peak_bytes="300")}
+    path.write_text(dump({"schema": 1, "device": "host-cpu", "entries": tests}), "utf-8")
+    before, content = path.stat(), path.read_bytes()
+    merge = store.write(MODULE, {"test_b": {LABEL: OTHER}}, {"test_gone": None})
+    assert (merge.unchanged, merge.created, merge.removed, merge.written) == (1, 0, 0, False)
+    assert [(i.test, i.label) for i in merge.kept] == [("test_c", LABEL)]
+    after = path.stat()
+    assert path.read_bytes() == content
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # a change of one entry writes the whole file in the canonical form
+    assert store.write(MODULE, {"test_b": {LABEL: GOOD}}, {}).written
+    doc = json.loads(path.read_text("utf-8"))
+    canonical = json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    assert path.read_text("utf-8") == canonical
+    assert doc["entries"]["test_c"] == tests["test_c"]
+
+
 def test_invalid_entry_says_where_it_is() -> None:
     assert Invalid("test_a", LABEL, "why").line("b/x.json") == f"b/x.json: test_a / {LABEL}: why"
     assert Invalid("test_a", None, "why").where == "test_a"

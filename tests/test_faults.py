@@ -87,15 +87,25 @@ CASES = """
         time.sleep(120)
 
 
+    def limit_address_space():
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, hard))  # 1 GiB cannot fit
+
+
     def exceeds_rlimit():
         import torch
 
         note_pid("child")
-        with open("/proc/self/status") as f:
-            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, hard))
+        limit_address_space()
         return torch.ones(2**30, dtype=torch.uint8)
+
+
+    def raises_memory_error():
+        note_pid("child")
+        limit_address_space()
+        return bytearray(2**30)
 
 
     def sleeps():
@@ -215,15 +225,18 @@ def test_hang_is_killed_with_its_process_group(vram_project: VramProject) -> Non
     assert not group(child), "members of the case's process group outlived its timeout"
 
 
-def test_memory_error_under_a_limit_is_out_of_memory(vram_project: VramProject) -> None:
-    vram_project.write(module("test_fault:exceeds_rlimit", "test_after:fine"))
+# Which allocator fails: torch's raises a RuntimeError, Python's a MemoryError.
+ALLOCATORS = {"torch": ("exceeds_rlimit", "RuntimeError: *can't allocate memory*")}
+ALLOCATORS["python"] = ("raises_memory_error", "MemoryError*")
+
+
+@pytest.mark.parametrize(("fn", "error"), ALLOCATORS.values(), ids=ALLOCATORS)
+def test_memory_error_under_a_limit_is_out_of_memory(
+    vram_project: VramProject, fn: str, error: str
+) -> None:
+    vram_project.write(module(f"test_fault:{fn}", "test_after:fine"))
     result = vram_project.run("--vram-update")
-    assert_fault(
-        vram_project,
-        result,
-        "test_fault",
-        "out of memory: RuntimeError: *can't allocate memory*[[]test_mem.exceeds_rlimit]",
-    )
+    assert_fault(vram_project, result, "test_fault", f"out of memory: {error}[[]test_mem.{fn}]")
 
 
 # -- a ZeRO rank dies while its peer waits in a collective ---------------------------------
@@ -383,3 +396,4 @@ def test_ctrl_c_during_a_case_ends_the_run_and_the_case(vram_project: VramProjec
     assert took < 10, f"pytest took {took:.1f} s to stop"
     assert_gone(pids(vram_project))
     assert not baselines.exists() or baselines.read_bytes() == before
+    assert not list(baselines.parent.glob(".*.tmp")), "a half-written baseline file was left"

@@ -1,16 +1,24 @@
 """Generated input for everything a user writes: marker keywords, vram.step() fields, sizes,
-tolerances, options. Each call returns, or raises the plugin's own error (SpecError; a
-pytest.UsageError for options) naming the bad value; never another exception."""
+tolerances, options (command line and ini), baseline files. Each call returns, or raises the
+plugin's own error (SpecError; a pytest.UsageError for options; a BaselineError naming the file
+for baseline files) naming the bad value; never another exception."""
 
 from __future__ import annotations
 
+import copy
+import json
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from baseline_docs import GOOD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import LABEL
+from pytest_vram.baselines import BaselineError, BaselineStore
 from pytest_vram.errors import SpecError
 from pytest_vram.marker import (
     STEP_OWN,
@@ -19,11 +27,14 @@ from pytest_vram.marker import (
     check_step_names,
     parse_marker,
 )
-from pytest_vram.options import OPTIONS
+from pytest_vram.options import OPTIONS, resolve
+from pytest_vram.result import MemoryResult
 from pytest_vram.spec import FIELDS, StepSpec
 from pytest_vram.units import MAX_BYTES, format_bytes, format_pair, parse_fraction, parse_size
 
 FUZZ = settings(max_examples=200, deadline=None)
+# Each baseline-file example reads and writes a file under the write lock (about 15 ms).
+FILES = settings(max_examples=100, deadline=None)
 OWN = ("gb", "tolerance", "leak_tolerance", "capacity_gb", "device")
 
 # Values a user could plausibly write, and ones that break careless parsing.
@@ -190,3 +201,168 @@ def test_two_different_byte_counts_never_print_the_same(pair: tuple[int, int]) -
     shown = format_pair(first, second)
     assert (shown[0] == shown[1]) == (first == second), shown
     assert format_bytes(first) and format_bytes(second - first, sign=True)
+
+
+@FUZZ
+@given(opt=st.sampled_from(OPTIONS), text=st.one_of(st.text(max_size=12), UNIT_TEXT, NAMES))
+def test_ini_options(opt: Any, text: str) -> None:
+    """The ini twin of every option: a bad value names the ini key and the value."""
+
+    class Config:
+        rootpath = Path("/project")
+        invocation_params = pytest.Config.InvocationParams(args=(), plugins=None, dir=rootpath)
+
+        def getoption(self, name: str) -> None:
+            return None  # not on the command line: the ini value is read
+
+        def getini(self, name: str) -> str | None:
+            return text if name == opt.ini else None
+
+    try:
+        resolve(Config())  # type: ignore[arg-type]
+    except pytest.UsageError as exc:
+        assert f"ini {opt.ini} = {text!r}: " in str(exc), str(exc)
+
+
+# -- baseline files ----------------------------------------------------------------------------
+#
+# A hand edit or a bad merge can leave anything in a baseline file. Reading it (a lookup) and
+# writing it (a refresh of another test) either work or raise BaselineError naming the file;
+# an invalid entry never stops the others, and a write never drops it.
+
+MODULE = "test_mem.py"
+JSON = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=10),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _places(value: object, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The path to every value inside ``value`` (dict keys and list indexes)."""
+    yield at
+    items: list[tuple[Any, object]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    for key, item in items:
+        yield from _places(item, (*at, key))
+
+
+PLACES = [place for place in _places(GOOD) if place]
+
+
+def _file(text: str | bytes) -> tuple[Path, BaselineStore, tempfile.TemporaryDirectory[str]]:
+    tmp = tempfile.TemporaryDirectory(prefix="vram-fuzz-")
+    store = BaselineStore(Path(tmp.name), "host-cpu")
+    path = store.path_for(MODULE)
+    path.parent.mkdir(parents=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, "utf-8")
+    return path, store, tmp
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True)  # NaN, tuples and key order compare as written
+
+
+@FILES
+@given(place=st.sampled_from(PLACES), value=JSON, delete=st.booleans())
+def test_baseline_entries(place: tuple[Any, ...], value: object, delete: bool) -> None:
+    """One entry of a valid file spoilt anywhere: its lookup fails naming the file, the other
+    test's works, and a refresh of the other test keeps the spoilt entry as it was."""
+    spoilt = copy.deepcopy(GOOD)
+    parent = spoilt
+    for key in place[:-1]:
+        parent = parent[key]
+    if delete and isinstance(parent, dict):
+        del parent[place[-1]]
+    else:
+        parent[place[-1]] = value
+    doc = {"schema": 1, "device": "host-cpu", "entries": {"test_a": {LABEL: spoilt}}}
+    doc["entries"]["test_b"] = {LABEL: GOOD}
+    path, store, tmp = _file(json.dumps(doc))
+    with tmp:
+        try:
+            valid = store.get(MODULE, "test_a", LABEL) is not None
+        except BaselineError as exc:
+            assert str(path) in str(exc) and "test_a" in str(exc), str(exc)
+            valid = False
+        assert store.get(MODULE, "test_b", LABEL) == MemoryResult.from_dict(GOOD)
+        merge = store.write(MODULE, {"test_b": {LABEL: GOOD}}, {"test_a": None})
+        after = json.loads(path.read_text("utf-8"))["entries"]
+        if valid:
+            assert merge.removed == 1 and "test_a" not in after
+        else:
+            assert [(i.test, i.label) for i in merge.kept] == [("test_a", LABEL)]
+            assert _canonical(after["test_a"][LABEL]) == _canonical(spoilt)
+
+
+VALID = json.dumps({"schema": 1, "device": "host-cpu", "entries": {"test_b": {LABEL: GOOD}}})
+DOCUMENTS = st.one_of(
+    JSON,
+    st.fixed_dictionaries(
+        {
+            "schema": st.one_of(st.just(1), JSON),
+            "device": st.one_of(st.just("host-cpu"), JSON),
+            "entries": st.one_of(
+                JSON,
+                st.dictionaries(st.text(max_size=8), JSON, max_size=3),
+                st.dictionaries(
+                    st.text(max_size=8),
+                    st.dictionaries(st.one_of(st.just(LABEL), st.text(max_size=8)), JSON),
+                    max_size=3,
+                ),
+            ),
+        },
+        optional={"extra": JSON},
+    ),
+)
+TEXTS = st.one_of(
+    DOCUMENTS.map(json.dumps),
+    st.integers(0, len(VALID) - 1).map(lambda cut: VALID[:cut]),  # a write cut short
+    st.text(max_size=40),
+    st.binary(max_size=40),
+)
+
+
+@FILES
+@given(text=TEXTS)
+def test_baseline_documents(text: str | bytes) -> None:
+    """Any file content: readable, or an error of each lookup naming the file; a file that
+    cannot be read is never written."""
+    path, store, tmp = _file(text)
+    with tmp:
+        before = path.read_bytes()
+        try:
+            store.load(MODULE)
+        except BaselineError as exc:
+            assert str(path) in str(exc), str(exc)
+            readable = False
+        else:
+            readable = True
+        for test in ("test_a", "test_b"):
+            try:
+                store.get(MODULE, test, LABEL)
+            except BaselineError as exc:
+                assert str(path) in str(exc), str(exc)
+        try:
+            store.write(MODULE, {"test_new": {LABEL: GOOD}}, {"test_b": None})
+        except BaselineError as exc:
+            assert not readable and str(path) in str(exc), str(exc)
+            assert path.read_bytes() == before
+        else:
+            assert readable
+            fresh = BaselineStore(store.root, "host-cpu")
+            assert fresh.get(MODULE, "test_new", LABEL) == MemoryResult.from_dict(GOOD)

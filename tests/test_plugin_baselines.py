@@ -132,6 +132,24 @@ def test_deselected_test_is_not_unused(vram_project) -> None:
     assert vram_project.baseline_path().read_bytes() == before
 
 
+def test_refresh_of_unchanged_entries_leaves_a_hand_formatted_file_alone(vram_project) -> None:
+    vram_project.write(TWO_TESTS)
+    vram_project.record()
+    path = vram_project.baseline_path()
+    path.write_text(json.dumps(json.loads(path.read_text("utf-8")), indent=4), "utf-8")
+    before, content = path.stat(), path.read_bytes()
+
+    for selection in ("test_b", "test_a or test_b"):
+        result = vram_project.record("-k", selection)
+        unchanged = selection.count("test_")
+        result.stdout.fnmatch_lines(
+            [f"vram baselines: 0 created, 0 updated, {unchanged} unchanged, 0 unused"]
+        )
+        after = path.stat()
+        assert path.read_bytes() == content, output(result)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
 def test_refreshing_one_test_by_node_id_keeps_the_others(vram_project) -> None:
     """The hint ``pytest-vram refresh 'test_mem.py::test_a'`` selects by node id: test_b was
     not collected, but it is still in the module and its baseline must survive."""
