@@ -327,12 +327,18 @@ def step_xdist(ctx: Context) -> Outcome:
     return "pass", "exit 4: " + one_line(said[0], 180)
 
 
-# What a step cannot run without (its row is skipped then), and how to install it.
-INSTALL: Final = {
-    "bitsandbytes": 'pip install "pytest-vram[quant]"',
-    "deepspeed": 'pip install "pytest-vram[zero]"',
-    "xdist": "pip install pytest-xdist",
-}
+# What a step cannot run without (its row is skipped then), and what installs it: one of
+# pytest-vram's extras (named with its libraries: pytest-vram is not on PyPI), or a package.
+INSTALL: Final = {"bitsandbytes": "quant", "deepspeed": "zero", "xdist": "pytest-xdist"}
+
+
+def install_hint(module: str) -> str:
+    from pytest_vram.errors import EXTRAS, extra
+
+    what = INSTALL.get(module, module)
+    return f"pip install {extra(what) if what in EXTRAS else what}"
+
+
 STEPS: Final = (
     Step("1", "environment and NVML", step_environment, quick=True),
     Step("2", "fork-safe preload", step_fork_safety, quick=True),
@@ -358,7 +364,7 @@ def run_step(ctx: Context, step: Step) -> Row:
     start = time.perf_counter()
     try:
         if step.needs and importlib.util.find_spec(step.needs) is None:
-            hint = INSTALL.get(step.needs, f"pip install {step.needs}")
+            hint = install_hint(step.needs)
             status, detail = "skip", f"{step.needs} is not installed: {hint}"
         else:
             status, detail = step.run(ctx)

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_vram import estimate_cli
-from pytest_vram.errors import missing_library
+from pytest_vram.errors import extra, missing_library
 
 __all__ = ["main"]
 
@@ -48,7 +48,7 @@ def build_ops() -> int:
     try:
         names = build()
     except ImportError:
-        missing = missing_library("deepspeed", "'pytest-vram[zero]'")
+        missing = missing_library("deepspeed", extra("zero"))
         print(f"pytest-vram build-ops: {missing}", file=sys.stderr)
         return 1
     print(f"pytest-vram build-ops: {', '.join(names) or 'nothing to build on this accelerator'}")

@@ -6,7 +6,15 @@ from __future__ import annotations
 import importlib.util
 from typing import Final
 
-__all__ = ["SpecError", "Unsupported", "installed", "is_oom", "missing_library"]
+__all__ = [
+    "EXTRAS",
+    "SpecError",
+    "Unsupported",
+    "extra",
+    "installed",
+    "is_oom",
+    "missing_library",
+]
 
 
 class SpecError(ValueError):
@@ -39,11 +47,26 @@ def installed(module: str) -> bool:
         return False
 
 
+# What each of pytest-vram's extras installs, as pip takes it (pyproject.toml's
+# optional-dependencies; tests/test_nvml.py keeps the two the same). pytest-vram installs from a
+# checkout or a wheel, not from PyPI, so a message names the libraries, not "pytest-vram[zero]".
+EXTRAS: Final = {
+    "zero": "'deepspeed>=0.16,<0.20' 'ninja>=1.11'",
+    "quant": "'bitsandbytes>=0.45,<0.51'",
+    "gpu": "'nvidia-ml-py>=12'",
+}
+
+
+def extra(name: str) -> str:
+    """What follows ``pip install`` for one of pytest-vram's extras, saying which it is."""
+    return f"{EXTRAS[name]} (pytest-vram's {name} extra)"
+
+
 def missing_library(name: str, install: str, *, needed_by: str = "") -> str:
     """The one line that says an optional library is missing and how to install it.
 
     ``name`` is what pip calls it (``nvidia-ml-py``, not its module ``pynvml``); ``install``
-    is what follows ``pip install`` (``'pytest-vram[zero]'``, ``galore-torch``). ``needed_by``
+    is what follows ``pip install`` (``extra("zero")``, ``galore-torch``). ``needed_by``
     starts the sentence with who needs it: ``needed_by="zero=2 runs"`` gives ``zero=2 runs
     DeepSpeed, which is not installed: pip install ...``."""
     missing = f"{needed_by} {name}, which is" if needed_by else f"{name} is"

@@ -99,7 +99,7 @@ def deepspeed_figure(
         what = "this step runs without DeepSpeed" if spec.zero is None else f"not {spec.zero}"
         return f"DeepSpeed's estimators cover ZeRO-2 and ZeRO-3; {what}"
     if not errors.installed("deepspeed"):
-        return errors.missing_library("deepspeed", "'pytest-vram[zero]'")
+        return errors.missing_library("deepspeed", errors.extra("zero"))
     opt = spec.offload in ("optimizer", "both")
     par = spec.offload in ("param", "both")
     device = {True: "cpu", False: "none"}

@@ -214,8 +214,9 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(
-                f"zero={spec.zero} runs DeepSpeed, which is not installed: "
-                "pip install 'pytest-vram[zero]'"
+                errors.missing_library(
+                    "DeepSpeed", errors.extra("zero"), needed_by=f"zero={spec.zero} runs"
+                )
             )
         from pytest_vram import ranks
 

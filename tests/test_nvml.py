@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import FAKE_UUID, FakeNvml
-from pytest_vram.errors import installed, missing_library
+from pytest_vram.errors import EXTRAS, extra, installed, missing_library
 from pytest_vram.meters.nvml import (
     NvmlSampler,
     cuda_version_string,
@@ -62,17 +62,33 @@ def test_unavailable_without_nvidia_ml_py_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
-    assert nvml_unavailable() == ("nvidia-ml-py is not installed: pip install 'pytest-vram[gpu]'")
+    assert nvml_unavailable() == (
+        "nvidia-ml-py is not installed: pip install 'nvidia-ml-py>=12' (pytest-vram's gpu extra)"
+    )
 
 
 def test_a_missing_library_is_one_line_naming_what_to_install() -> None:
     # The form every "is it installed?" check prints (cli, step, estimate, methods, NVML).
-    assert missing_library("deepspeed", "'pytest-vram[zero]'") == (
-        "deepspeed is not installed: pip install 'pytest-vram[zero]'"
+    # pytest-vram is not on PyPI: the line names the libraries, not "pytest-vram[zero]".
+    zero = "'deepspeed>=0.16,<0.20' 'ninja>=1.11' (pytest-vram's zero extra)"
+    assert missing_library("deepspeed", extra("zero")) == (
+        f"deepspeed is not installed: pip install {zero}"
     )
-    assert missing_library("DeepSpeed", "'pytest-vram[zero]'", needed_by="zero=2 runs") == (
-        "zero=2 runs DeepSpeed, which is not installed: pip install 'pytest-vram[zero]'"
+    assert missing_library("DeepSpeed", extra("zero"), needed_by="zero=2 runs") == (
+        f"zero=2 runs DeepSpeed, which is not installed: pip install {zero}"
     )
+
+
+def test_each_extras_install_line_is_what_pyproject_declares() -> None:
+    import shlex
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    for name, line in EXTRAS.items():
+        assert shlex.split(line) == declared[name], name
 
 
 def test_installed_asks_without_importing() -> None:

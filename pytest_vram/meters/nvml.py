@@ -15,7 +15,7 @@ from typing import Any, final
 
 from pytest_vram import cuda_visible
 from pytest_vram.cuda_visible import UUID_PREFIXES
-from pytest_vram.errors import missing_library
+from pytest_vram.errors import extra, missing_library
 
 __all__ = [
     "DeviceInfo",
@@ -62,7 +62,7 @@ def nvml_unavailable() -> str | None:
         import pynvml
     except ImportError:
         # pytest-vram's gpu extra is this one requirement; pip knows pynvml as nvidia-ml-py.
-        return missing_library("nvidia-ml-py", "'pytest-vram[gpu]'")
+        return missing_library("nvidia-ml-py", extra("gpu"))
     except Exception as exc:  # a broken install fails while importing, not only later
         return f"nvidia-ml-py could not be imported: {error_text(exc)}"
     nvml_error = getattr(pynvml, "NVMLError", None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_vram.errors import Unsupported, installed, missing_library
+from pytest_vram.errors import Unsupported, extra, installed, missing_library
 from pytest_vram.methods import LlamaFactoryRow, Method, OptionValue, Trains, state_tensors
 from pytest_vram.methods.lora import lora_config
 from pytest_vram.methods.peft_methods import LORA_OPTIONS
@@ -40,9 +40,7 @@ class _Quantized(Method):
     def unsupported(self, spec: StepSpec, device: str) -> str | None:
         # bitsandbytes is not a dependency of pytest-vram; on CPU it runs (its own fallbacks).
         if not installed("bitsandbytes"):
-            needs = missing_library(
-                "bitsandbytes", "'pytest-vram[quant]'", needed_by=f"{self.name} needs"
-            )
+            needs = missing_library("bitsandbytes", extra("quant"), needed_by=f"{self.name} needs")
             return f"{needs}; transformers' from_pretrained with a BitsAndBytesConfig imports it"
         return None
 
