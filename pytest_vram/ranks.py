@@ -17,6 +17,7 @@ import os
 import socket
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import torch
 
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 Body = Callable[[Meter], MemoryResult]
+# How long a rank's error waits for news of a peer that died, which would be its cause.
+_PEER_GRACE_S: Final = 2.0
 
 
 class RankOutOfMemory(MemoryError):
@@ -161,13 +164,12 @@ def run_ranks(
                 rank = next(r for r, c in waiting.items() if c is ready)
                 message = processes.receive(waiting.pop(rank))
                 if message is None:
-                    code = processes.reap(pids[rank])
-                    pids[rank] = 0
-                    ended = ("was " if code < 0 else "") + processes.exit_text(code)
-                    raise RuntimeError(f"rank {rank} of {world} {ended} before sending a result")
+                    raise _died(rank, world, pids)
                 kind, payload = message
                 if kind != "ok":
-                    raise rank_error(rank, world, kind, payload)
+                    # A peer's death reaches the others as a collective's error first (gloo:
+                    # "Connection reset by peer"): the rank that died is the cause to name.
+                    raise _dead_peer(waiting, world, pids) or rank_error(rank, world, kind, payload)
                 results[rank] = MemoryResult.from_json(payload)
     finally:
         for conn in conns:
@@ -178,6 +180,24 @@ def run_ranks(
             if pid:
                 processes.reap(pid)
     return combine(label, [results[r] for r in range(world)])
+
+
+def _died(rank: int, world: int, pids: list[int]) -> RuntimeError:
+    code = processes.reap(pids[rank])
+    pids[rank] = 0
+    ended = ("was " if code < 0 else "") + processes.exit_text(code)
+    return RuntimeError(f"rank {rank} of {world} {ended} before sending a result")
+
+
+def _dead_peer(
+    waiting: dict[int, multiprocessing.connection.Connection], world: int, pids: list[int]
+) -> RuntimeError | None:
+    """A rank among ``waiting`` that ended without a result within a moment, if any."""
+    for ready in multiprocessing.connection.wait(list(waiting.values()), timeout=_PEER_GRACE_S):
+        rank = next(r for r, c in waiting.items() if c is ready)
+        if processes.receive(waiting.pop(rank)) is None:
+            return _died(rank, world, pids)
+    return None
 
 
 def rank_error(rank: int, ranks: int, kind: str, payload: str) -> Exception:

@@ -117,12 +117,19 @@ def test_ci_script_prebuilds_before_the_tests_and_checks_the_wheel_after() -> No
     assert "python -m build" in check and '"$wheel"' in check and 'cd "$work/project"' in check
 
 
-def test_no_workflow_or_doc_builds_cpu_adam() -> None:
-    """Offload steps the client torch optimizer ("zero_force_ds_cpu_optimizer": false)."""
-    texts = {p.name: p.read_text("utf-8") for p in [*workflow_files(), DOCS]}
-    assert not [name for name, text in texts.items() if "CPUAdam" in text]
-    assert "pytest-vram build-ops" in texts[DOCS.name]
-    assert "being wired" not in texts[DOCS.name]
+def test_cpu_adam_is_built_by_build_ops_for_trainers_only() -> None:
+    """The built-in step's offload steps the client torch optimizer
+    ("zero_force_ds_cpu_optimizer": false); DeepSpeedCPUAdam is what accelerate swaps in for a
+    Trainer under optimizer offload, built by build-ops, never by a workflow of its own."""
+    from pytest_vram import StepSpec
+    from pytest_vram.zero.config import ds_config
+
+    spec = StepSpec(model="tiny-llama", zero=2, offload="optimizer", ranks=2)
+    assert ds_config(spec, 2**16)["zero_force_ds_cpu_optimizer"] is False
+    assert not [p.name for p in workflow_files() if "CPUAdam" in p.read_text("utf-8")]
+    docs = DOCS.read_text("utf-8")
+    assert all("build-ops" in line for line in docs.splitlines() if "CPUAdam" in line)
+    assert "pytest-vram build-ops" in docs and "being wired" not in docs
 
 
 # -- tox ---------------------------------------------------------------------------------------
