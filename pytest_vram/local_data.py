@@ -1,8 +1,9 @@
 """A tokenizer and datasets made on the spot, for Trainer and TRL steps that must not download.
 
 A memory test needs tokens of the right shape, not language: ``word_tokenizer`` maps the words
-``w0`` ... ``w{n-1}`` to ids 0 ... n-1 (``w0`` pads, ``w1`` is unknown, ``w2`` ends a text), so a
-model built from its config.json trains on ``token_rows`` or ``texts`` without the Hub.
+``w3`` ... ``w{n-1}`` to ids 3 ... n-1, with ``<pad>``, ``<unk>`` and ``</s>`` at 0, 1 and 2
+(special tokens a fast tokenizer cannot find inside a word), so a model built from its
+config.json trains on ``token_rows`` or ``texts`` without the Hub.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ _FIRST_WORD: Final = 3  # after pad, unknown and end of text
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``vocab_size`` ids: ``w0`` ... ``w{vocab_size - 1}``."""
+    """A word-level tokenizer over ``vocab_size`` ids: ``w3`` ... ``w{vocab_size - 1}`` after
+    the three special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    special = {"<pad>": 0, "<unk>": 1, "</s>": 2}
+    vocab = {**special, **{f"w{i}": i for i in range(_FIRST_WORD, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok, pad_token="w0", eos_token="w2", unk_token="w1"
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
     )
 
 
