@@ -52,6 +52,17 @@ def _timeout(text: str) -> float:
     return value
 
 
+def _path_option(flag: str) -> Callable[[str], str]:
+    """A folder or file name: one the OS can take (a NUL byte ends every path call)."""
+
+    def parse(text: str) -> str:
+        if "\0" in text:
+            raise pytest.UsageError(f"{flag}={text!r}: a path cannot hold a NUL byte")
+        return text
+
+    return parse
+
+
 def _device(text: str) -> str:
     if text not in METERS:
         raise pytest.UsageError(f"--vram-device={text!r}; choose one of: {', '.join(METERS)}")
@@ -134,7 +145,7 @@ OPTIONS: Final = (
     _Option(
         "--vram-baselines",
         "baselines directory, relative to the rootdir (default: baselines)",
-        str,
+        _path_option("--vram-baselines"),
         "baselines",
     ),
     _Option(
@@ -162,7 +173,7 @@ OPTIONS: Final = (
         "--vram-json",
         "write every measured case (result, verdict, baseline) to this JSON file; memory "
         "snapshots of failing GPU cases go to a snapshots/ folder beside it",
-        str,
+        _path_option("--vram-json"),
         None,
     ),
     _Option(

@@ -265,6 +265,13 @@ def test_bad_step_message_is_shown_once(vram_project) -> None:
             "ERROR: ini vram_timeout = '1e300': --vram-timeout='1e300' is more than a week: *",
         ),
         ([], {"vram_update": "maybe"}, "ERROR: ini vram_update = 'maybe': expected true or false*"),
+        # was an INTERNALERROR (ValueError: embedded null byte) when the folder was made
+        (
+            ["--vram-baselines=base\0x"],
+            {},
+            "ERROR: --vram-baselines='base\\x00x': a path cannot hold a NUL byte",
+        ),
+        (["--vram-json=r\0.json"], {}, "ERROR: --vram-json='r\\x00.json': a path cannot hold*"),
     ],
 )
 def test_bad_option_is_a_usage_error(vram_project, args, ini, message) -> None:
@@ -272,6 +279,20 @@ def test_bad_option_is_a_usage_error(vram_project, args, ini, message) -> None:
     vram_project.write(marked("gb=1"))
     result = vram_project.run(*args)
     assert_usage_error(result, message)
+
+
+def test_a_nul_in_a_pyproject_path_option_is_a_usage_error(vram_project) -> None:
+    (vram_project.path / "tox.ini").unlink()
+    (vram_project.path / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\nvram_baselines = "base\\u0000x"\n'
+    )
+    vram_project.write(marked("gb=1"))
+    result = vram_project.run("--vram-update")
+    assert_usage_error(
+        result,
+        "ERROR: ini vram_baselines = 'base\\x00x': --vram-baselines='base\\x00x': a path "
+        "cannot hold a NUL byte",
+    )
 
 
 def test_marked_test_that_measures_nothing_fails(vram_project) -> None:
