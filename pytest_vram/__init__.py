@@ -1,4 +1,8 @@
-"""pytest-vram: GPU memory budgets and baselines for LLM fine-tuning steps."""
+"""pytest-vram: GPU memory budgets and baselines for LLM fine-tuning steps.
+
+PYTEST_DONT_REWRITE: ``pytest-vram refresh`` imports this package before pytest loads it as a
+plugin, and it holds no test asserts to rewrite.
+"""
 
 from __future__ import annotations
 
