@@ -180,6 +180,7 @@ class VramSession:
             row["snapshot"] = snapshot
             report.user_properties.append((_PROPERTY, row))
             reasons.extend(verdict.reasons)
+            reasons.extend(verdict.details)
             if snapshot:
                 reasons.append(
                     f"memory snapshot of [{verdict.result.label}]: {snapshot} "
@@ -215,6 +216,7 @@ class VramSession:
             )
             self.devices.add(result.device)
             baseline = self.store(result.device).get(module, test, label)
+            stored = self._stored(result.device, module, test) if baseline is None else {}
             verdict = judge(
                 item.nodeid,
                 result,
@@ -224,6 +226,7 @@ class VramSession:
                 update=self.settings.update,
                 record_hint=hint,
                 capacity_bytes=capacities[index] if index < len(capacities) else None,
+                stored=stored,
             )
             verdicts.append(verdict)
             if self.settings.update:
@@ -231,6 +234,14 @@ class VramSession:
             if completed:
                 self.ran[(result.device, module)].setdefault(test, set()).add(label)
         return verdicts
+
+    def _stored(self, device: str, module: str, test: str) -> dict[str, int]:
+        """The peaks of ``test``'s baseline entries, by label (none when the file is bad)."""
+        try:
+            cases = self.store(device).load(module).get(test, {})
+        except BaselineError:
+            return {}
+        return {label: int(entry["peak_bytes"]) for label, entry in cases.items()}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Rows arrive here from xdist workers too (user_properties are serialised).

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final, Literal, final
 
+from pytest_vram import explain
 from pytest_vram.result import GIB, MemoryResult, gib
 from pytest_vram.units import format_bytes, format_pair
 
@@ -55,6 +56,8 @@ class CaseVerdict:
     notes: tuple[str, ...]  # reported, not failing
     failed: bool
     action: BaselineAction | None = None
+    # Printed under the reasons: what the peak is made of, what moved (``explain``).
+    details: tuple[str, ...] = ()
 
     def section(self) -> str:
         """Breakdown at the peak, for the test report."""
@@ -99,6 +102,7 @@ class CaseVerdict:
             "action": self.action,
             "notes": list(self.notes),
             "reasons": list(self.reasons),
+            "details": list(self.details),
             "result": self.result.to_dict(),
         }
 
@@ -128,10 +132,14 @@ def judge(
     update: bool,
     record_hint: str,
     capacity_bytes: int | None = None,
+    stored: Mapping[str, int] | None = None,
 ) -> CaseVerdict:
+    """``stored``: the peaks of the test's other baseline entries, by label, shown when this
+    case has none (a changed case reads as "no baseline" otherwise)."""
     statuses: list[Status] = []
     reasons: list[str] = []
     notes: list[str] = []
+    details: list[str] = []
     tag = f"[{result.label}]"
     peak = result.peak_bytes
     notes.extend(result.notes)
@@ -152,6 +160,8 @@ def judge(
     if leak:
         statuses.append("leak")
         reasons.append(f"{leak} {tag}")
+    if statuses:  # over capacity or budget, or a leak: what the peak holds
+        details.extend(explain.made_of(result))
     action: BaselineAction | None = None
     if update:
         statuses.append("recorded")
@@ -164,6 +174,12 @@ def judge(
         reasons.append(
             f"no baseline for {tag} on device {result.device}; record it with: {record_hint}"
         )
+        others = {k: v for k, v in (stored or {}).items() if k != result.label}
+        if others:
+            details.append("  this test's stored cases (is this one of them, changed?):")
+            details.extend(
+                f"    [{label}]: {format_bytes(peak)}" for label, peak in sorted(others.items())
+            )
     elif baseline.peak_bytes != peak:
         # The difference first: 1050 / 1000 - 1 is 0.05000000000000004, beyond a 5% tolerance.
         base = baseline.peak_bytes
@@ -192,10 +208,13 @@ def judge(
             if drift > 0:
                 statuses.append("drift-up")
                 reasons.append(line)
+                details.extend(explain.moved(baseline, result, budget.tolerance))
             else:
                 statuses.append("drift-down")
                 line += f"; tighten the baseline with: {record_hint}"
                 (reasons if strict else notes).append(line)
+                if strict:
+                    details.extend(explain.moved(baseline, result, budget.tolerance))
     if not statuses:
         statuses.append("ok")
     return CaseVerdict(
@@ -208,4 +227,5 @@ def judge(
         notes=tuple(notes),
         failed=bool(reasons),
         action=action,
+        details=tuple(details) if reasons else (),
     )

@@ -245,6 +245,7 @@ def test_row_is_plain_data_holding_the_whole_result() -> None:
         "action": None,
         "notes": ["n"],
         "reasons": list(check(measured, Budget(1000, 0.05), None).reasons),
+        "details": list(check(measured, Budget(1000, 0.05), None).details),
     }
     assert MemoryResult.from_dict(row["result"]) == measured
 

@@ -1,0 +1,100 @@
+"""What a failing number is made of, and what moved: the lines under a budget, drift or leak
+failure, so the user sees which term grew and where without rerunning anything.
+
+Pure functions of results (torch-free): the pytest process writes them, and the baseline
+already stores the whole breakdown, per step and per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final
+
+from pytest_vram.result import MemoryResult
+from pytest_vram.units import format_bytes, format_pair
+
+__all__ = ["made_of", "moved"]
+
+_INDENT: Final = "  "
+_HOST: Final = "host offload (not in the peak)"
+
+
+def _terms(result: MemoryResult) -> Iterator[tuple[str, int]]:
+    yield from result.breakdown.rows()
+    yield _HOST, result.host_offload_bytes
+
+
+def _change(before: int, after: int) -> str:
+    shown_before, shown_after = format_pair(before, after)
+    share = f", {(after - before) / before:+.1%}" if before else ""
+    return f"{shown_before} -> {shown_after} ({format_bytes(after - before, sign=True)}{share})"
+
+
+def made_of(result: MemoryResult) -> list[str]:
+    """The peak's terms, largest first, each with its share of the peak; for ZeRO, each rank."""
+    peak = result.peak_bytes
+    rows = sorted(result.breakdown.rows(), key=lambda row: -row[1])
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{_INDENT}the peak is made of:"]
+    for name, nbytes in rows:
+        share = f" ({nbytes / peak:.1%})" if peak else ""
+        lines.append(f"{_INDENT * 2}{name:<{width}}  {format_bytes(nbytes)}{share}")
+    if result.host_offload_bytes:
+        lines.append(f"{_INDENT * 2}{_HOST}: {format_bytes(result.host_offload_bytes)}")
+    if len(result.ranks) > 1:
+        peaks = ", ".join(
+            f"rank {i} {format_bytes(r.peak_bytes)}" for i, r in enumerate(result.ranks)
+        )
+        lines.append(f"{_INDENT}per rank: {peaks}")
+    return lines
+
+
+def _moved_terms(base: MemoryResult, now: MemoryResult, tolerance: float) -> list[str]:
+    before = dict(_terms(base))
+    after = dict(_terms(now))
+    changed = []
+    for name, old in before.items():
+        new = after[name]
+        # A term that appears, or moves beyond the tolerance of its own size.
+        if new != old and (old == 0 or abs(new - old) / old > tolerance):
+            changed.append((abs(new - old), f"{_INDENT * 2}{name}: {_change(old, new)}"))
+    return [line for _, line in sorted(changed, key=lambda pair: -pair[0])]
+
+
+def _moved_step(base: MemoryResult, now: MemoryResult) -> str | None:
+    old, new = base.step_peak_bytes, now.step_peak_bytes
+    if len(old) != len(new) or not old:
+        return None
+    step = max(range(len(old)), key=lambda i: abs(new[i] - old[i]))
+    if new[step] == old[step]:
+        return None
+    return f"{_INDENT}step {step + 1} of {len(old)} moved most: {_change(old[step], new[step])}"
+
+
+def _moved_ranks(base: MemoryResult, now: MemoryResult) -> list[str]:
+    if len(base.ranks) != len(now.ranks) or len(now.ranks) < 2:
+        return []
+    pairs = [
+        (i, b.peak_bytes, n.peak_bytes)
+        for i, (b, n) in enumerate(zip(base.ranks, now.ranks, strict=True))
+    ]
+    pairs = sorted((p for p in pairs if p[1] != p[2]), key=lambda p: -abs(p[2] - p[1]))
+    return [f"{_INDENT * 2}rank {i}: {_change(old, new)}" for i, old, new in pairs]
+
+
+def moved(base: MemoryResult, now: MemoryResult, tolerance: float) -> list[str]:
+    """The terms of the worst rank's peak that moved beyond ``tolerance`` of their own size,
+    largest change first; the step whose peak moved most; for ZeRO, each rank that moved."""
+    lines = []
+    terms = _moved_terms(base, now, tolerance)
+    if terms:
+        lines.append(f"{_INDENT}what moved, at the peak:")
+        lines.extend(terms)
+    step = _moved_step(base, now)
+    if step:
+        lines.append(step)
+    ranks = _moved_ranks(base, now)
+    if ranks:
+        lines.append(f"{_INDENT}per rank:")
+        lines.extend(ranks)
+    return lines
