@@ -160,10 +160,11 @@ def test_trl_dpo_trainer_holds_the_reference_model(tmp_path: Path, sft: MemoryRe
     dpo = measure_fn(dpo_step, (tmp_path,), {}, HostMeter())
     b = dpo.breakdown
     assert len(dpo.step_peak_bytes) >= STEPS
-    # AdamW's state of step 1 is held through step 2, whose peak falls in backward (the chosen
-    # and rejected batch and the reference's forward): part of the gradients exist by then.
+    # AdamW's state of step 1 is held through step 2, whose peak holds gradients: all of them
+    # when it is the optimizer step's, part of them when it falls in backward (which of the
+    # two depends on how long the tokenized pairs are).
     assert b.optimizer_bytes >= 2 * trainable_bytes(dpo)
-    assert 0 < b.grad_bytes < trainable_bytes(dpo)
+    assert 0 < b.grad_bytes <= trainable_bytes(dpo)
     # The frozen reference is a second copy of the weights; only the trained model is a role,
     # so the copy counts as activations and temporaries, and lifts the peak above SFT's.
     assert b.activation_bytes >= F32 * dpo.total_params
