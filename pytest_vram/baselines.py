@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from pytest_vram.result import MemoryResult
 
-__all__ = ["BaselineError", "BaselineStore", "Entries", "Invalid", "Merge"]
+__all__ = ["BaselineError", "BaselineStore", "Entries", "Invalid", "Merge", "valid_entries"]
 
 SCHEMA: Final = 1
 _FILE_KEYS: Final = ("device", "entries", "schema")
@@ -256,6 +256,16 @@ def _read(path: Path, device: str) -> _File:
         return _File(None, {}, {}, {})
     except (OSError, UnicodeDecodeError) as exc:
         raise BaselineError(f"baseline file {path} cannot be read: {exc}") from None
+    return _parse(text, path, device)
+
+
+def valid_entries(text: str, where: str | Path, device: str) -> Entries:
+    """The valid entries of a baseline file's text (``where`` names it in errors): for
+    ``pytest-vram diff``, which reads files of a git revision too."""
+    return _parse(text, where, device).entries
+
+
+def _parse(text: str, path: str | Path, device: str) -> _File:
     never = "fix or delete it: pytest-vram never overwrites a file it cannot read"
     try:
         doc = json.loads(text, object_pairs_hook=_no_duplicates)

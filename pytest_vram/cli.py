@@ -1,6 +1,7 @@
 """``pytest-vram refresh [pytest args]``: re-record baselines and print what changed.
 ``pytest-vram build-ops``: build the DeepSpeed ops ZeRO cases load, once, before timed cases.
-``pytest-vram estimate MODEL [options]``: trace one step on the fake meter (``estimate_cli``)."""
+``pytest-vram estimate MODEL [options]``: trace one step on the fake meter (``estimate_cli``).
+``pytest-vram diff OLD [NEW]`` / ``show [PATH]``: stored baselines for review (``review``)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,59 @@ def _estimate(args: Sequence[str]) -> int:
     return estimate_cli.command(parsed)
 
 
+_DIFF_HELP = (
+    "compare two sides' stored baselines (a folder, or a git revision read with git show): "
+    "every case that moved, with what moved in it, then added and removed cases; status 1 "
+    "when a case grew beyond the tolerance"
+)
+_SHOW_HELP = "print the stored cases of a baselines folder (or a git revision) as a table"
+
+
+def _review_arguments(parser: argparse.ArgumentParser, diff: bool) -> None:
+    from pytest_vram.review import DEFAULT_FOLDER
+
+    if diff:
+        parser.add_argument("old", help="a baselines folder or a git revision (e.g. main)")
+        parser.add_argument("new", nargs="?", default=DEFAULT_FOLDER, help="default: baselines")
+        parser.add_argument(
+            "--tolerance", default="0.05", help="growth that fails: 0.05 or 5%% (default 0.05)"
+        )
+    else:
+        parser.add_argument("side", nargs="?", default=DEFAULT_FOLDER, help="default: baselines")
+    parser.add_argument(
+        "--folder", default=DEFAULT_FOLDER, help="the baselines folder within a git revision"
+    )
+
+
+def _review(command: str, args: Sequence[str]) -> int:
+    from pytest_vram import review
+    from pytest_vram.baselines import BaselineError
+    from pytest_vram.errors import SpecError
+    from pytest_vram.units import parse_fraction
+
+    prog = f"pytest-vram {command}"
+    parser = _OneLineErrors(prog=prog, description=_DIFF_HELP if command == "diff" else _SHOW_HELP)
+    _review_arguments(parser, command == "diff")
+    try:
+        parsed = parser.parse_args(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        if command == "show":
+            lines, status = review.show(review.load(parsed.side, parsed.folder)), 0
+        else:
+            tolerance = parse_fraction("--tolerance", parsed.tolerance)
+            old = review.load(parsed.old, parsed.folder)
+            new = review.load(parsed.new, parsed.folder)
+            lines, grew = review.diff(old, new, tolerance)
+            status = 1 if grew else 0
+    except (BaselineError, SpecError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["refresh"]:
@@ -87,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return build_ops()
     if args[:1] == ["estimate"]:
         return _estimate(args[1:])
+    if args[:1] in (["diff"], ["show"]):
+        return _review(args[0], args[1:])
     parser = argparse.ArgumentParser(
         prog="pytest-vram", description="GPU memory budgets and baselines for fine-tuning steps"
     )
@@ -101,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         help="build the DeepSpeed ops ZeRO cases load (cached in TORCH_EXTENSIONS_DIR)",
     )
     estimate_cli.add_arguments(sub.add_parser("estimate", help=_ESTIMATE_HELP))
+    _review_arguments(sub.add_parser("diff", help=_DIFF_HELP), diff=True)
+    _review_arguments(sub.add_parser("show", help=_SHOW_HELP), diff=False)
     parser.parse_args(args)  # the commands only reach here for help, or with a bad command
     return 2
 

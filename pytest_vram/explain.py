@@ -71,15 +71,25 @@ def _moved_step(base: MemoryResult, now: MemoryResult) -> str | None:
     return f"{_INDENT}step {step + 1} of {len(old)} moved most: {_change(old[step], new[step])}"
 
 
+def _ranks(numbers: list[int]) -> str:
+    """``rank 3``, ``ranks 0-7``, ``ranks 0, 2, 5``."""
+    if len(numbers) == 1:
+        return f"rank {numbers[0]}"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"ranks {numbers[0]}-{numbers[-1]}"
+    return "ranks " + ", ".join(map(str, numbers))
+
+
 def _moved_ranks(base: MemoryResult, now: MemoryResult) -> list[str]:
+    """Each rank whose peak moved, largest change first; ranks that moved alike on one line."""
     if len(base.ranks) != len(now.ranks) or len(now.ranks) < 2:
         return []
-    pairs = [
-        (i, b.peak_bytes, n.peak_bytes)
-        for i, (b, n) in enumerate(zip(base.ranks, now.ranks, strict=True))
-    ]
-    pairs = sorted((p for p in pairs if p[1] != p[2]), key=lambda p: -abs(p[2] - p[1]))
-    return [f"{_INDENT * 2}rank {i}: {_change(old, new)}" for i, old, new in pairs]
+    alike: dict[tuple[int, int], list[int]] = {}
+    for i, (b, n) in enumerate(zip(base.ranks, now.ranks, strict=True)):
+        if b.peak_bytes != n.peak_bytes:
+            alike.setdefault((b.peak_bytes, n.peak_bytes), []).append(i)
+    changes = sorted(alike.items(), key=lambda item: -abs(item[0][1] - item[0][0]))
+    return [f"{_INDENT * 2}{_ranks(ranks)}: {_change(old, new)}" for (old, new), ranks in changes]
 
 
 def moved(base: MemoryResult, now: MemoryResult, tolerance: float) -> list[str]:

@@ -92,3 +92,16 @@ def test_a_changed_case_is_shown_against_what_the_test_had() -> None:
 
 def test_a_passing_case_has_no_details() -> None:
     assert verdict(result(MIB), result(MIB), gb=1).details == ()
+
+
+def test_ranks_that_moved_alike_share_a_line() -> None:
+    same = [result(10 * MIB) for _ in range(8)]
+    base = dataclasses.replace(result(10 * MIB), ranks=tuple(same))
+    grown = [result(30 * MIB) if i in (0, 2, 3) else same[i] for i in range(8)]
+    now = dataclasses.replace(result(30 * MIB), ranks=tuple(grown))
+    ranks = [line for line in verdict(now, base).details if line.startswith("    rank")]
+    assert ranks == ["    ranks 0, 2, 3: 24.00 MiB -> 44.00 MiB (+20.00 MiB, +83.3%)"]
+    every = dataclasses.replace(result(30 * MIB), ranks=tuple(result(30 * MIB) for _ in range(8)))
+    assert [line for line in verdict(every, base).details if "ranks" in line][-1].startswith(
+        "    ranks 0-7: "
+    )

@@ -157,7 +157,8 @@ def test_command_checker_catches_missing_commands() -> None:
         )
     )
     assert command_problems(doc) == [
-        "pytest-vram has no subcommand 'refrsh' (has: ['build-ops', 'estimate', 'refresh'])",
+        "pytest-vram has no subcommand 'refrsh' (has: ['build-ops', 'diff', 'estimate', 'refresh', "
+        "'show'])",
         "bash .ci/nope: no such file",
         "extra 'cuda' is not in pyproject",
         "--vram-tolerence is not a pytest-vram option",
