@@ -170,6 +170,13 @@ OPTIONS: Final = (
         "reserved",
     ),
     _Option(
+        "--vram-benchmark-json",
+        "write each case's peak to this file in github-action-benchmark's "
+        "customSmallerIsBetter format (bytes), to chart memory over commits",
+        _path_option("--vram-benchmark-json"),
+        None,
+    ),
+    _Option(
         "--vram-json",
         "write every measured case (result, verdict, baseline) to this JSON file; memory "
         "snapshots of failing GPU cases go to a snapshots/ folder beside it",
@@ -214,6 +221,7 @@ class Settings:
     imports: tuple[str, ...] = ()
     peak_source: str = "reserved"
     json_path: Path | None = None
+    benchmark_json_path: Path | None = None
 
     @property
     def snapshots_dir(self) -> Path:
@@ -257,6 +265,11 @@ def resolve(config: pytest.Config) -> Settings:
         imports=values["vram_import"],
         peak_source=values["vram_peak_source"],
         json_path=_rooted(config, values["vram_json"]) if values["vram_json"] else None,
+        benchmark_json_path=(
+            _rooted(config, values["vram_benchmark_json"])
+            if values["vram_benchmark_json"]
+            else None
+        ),
     )
 
 

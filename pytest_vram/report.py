@@ -12,7 +12,7 @@ from typing import Any, final
 
 from pytest_vram.units import format_gib
 
-__all__ = ["Summary", "write_json"]
+__all__ = ["Summary", "benchmark_entries", "junit_properties", "write_benchmark_json", "write_json"]
 
 
 def _delta(row: dict[str, Any]) -> str:
@@ -95,4 +95,38 @@ def write_json(path: Path, summary: Summary, errors: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def junit_properties(row: dict[str, Any], suffix: str = "") -> list[tuple[str, object]]:
+    """A case's numbers as junit XML properties (``vram_peak_bytes``, ...), so a CI dashboard
+    that reads junit shows them; ``suffix`` tells a test's cases apart (``[label]``)."""
+    props: list[tuple[str, object]] = [
+        ("vram_label", row["label"]),
+        ("vram_peak_bytes", row["peak_bytes"]),
+    ]
+    for key in ("budget_bytes", "baseline_bytes"):
+        if row[key] is not None:
+            props.append((f"vram_{key}", row[key]))
+    props.append(("vram_verdict", row["status"]))
+    return [(f"{name}{suffix}", value) for name, value in props]
+
+
+def benchmark_entries(summary: Summary) -> list[dict[str, Any]]:
+    """github-action-benchmark's "customSmallerIsBetter": one entry per case, in bytes."""
+    return [
+        {
+            "name": f"{row['test']} [{row['label']}]",
+            "unit": "bytes",
+            "value": row["peak_bytes"],
+            "extra": f"verdict {row['status']}; meter {row['result']['meter']}",
+        }
+        for row in summary.rows
+    ]
+
+
+def write_benchmark_json(path: Path, summary: Summary) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(benchmark_entries(summary), indent=1) + "\n")
     os.replace(tmp, path)

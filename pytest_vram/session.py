@@ -22,7 +22,7 @@ from pytest_vram.marker import (
 from pytest_vram.meters import unsupported
 from pytest_vram.meters.base import FIXED_FINGERPRINTS
 from pytest_vram.options import Settings
-from pytest_vram.report import Summary, write_json
+from pytest_vram.report import Summary, junit_properties, write_benchmark_json, write_json
 from pytest_vram.result import GIB, MemoryResult
 from pytest_vram.spec import StepSpec
 from pytest_vram.verdict import Budget, CaseVerdict, judge
@@ -179,6 +179,9 @@ class VramSession:
             snapshot = self.keep_snapshot(verdict.result, verdict.failed)
             row["snapshot"] = snapshot
             report.user_properties.append((_PROPERTY, row))
+            # junit XML writes the item's properties, from the teardown report.
+            suffix = f"[{verdict.result.label}]" if len(verdicts) > 1 else ""
+            item.user_properties.extend(junit_properties(row, suffix))
             reasons.extend(verdict.reasons)
             reasons.extend(verdict.details)
             if snapshot:
@@ -325,6 +328,12 @@ class VramSession:
                 write_json(self.settings.json_path, self.summary, self.errors)
             except OSError as exc:
                 self.errors.append(f"--vram-json: cannot write {self.settings.json_path}: {exc}")
+        benchmark = self.settings.benchmark_json_path
+        if workeroutput is None and benchmark is not None:
+            try:
+                write_benchmark_json(benchmark, self.summary)
+            except OSError as exc:
+                self.errors.append(f"--vram-benchmark-json: cannot write {benchmark}: {exc}")
         if self.errors:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
