@@ -136,7 +136,7 @@ def text_lines(est: Estimate) -> Iterator[str]:
     r = est.result
     yield f"{est.spec.label}: one training step on the fake meter (shapes, no weights)"
     if est.simulated:
-        yield f"  ZeRO-{est.spec.zero} per rank (max over {est.spec.ranks} ranks)"
+        yield f"  ZeRO-{est.spec.zero} per rank (max over {est.spec.ranks} rank{'s' * (est.spec.ranks != 1)})"
     for name, nbytes in r.breakdown.rows():
         yield f"  {name:<29}{gib(nbytes):>10.2f} GiB"
     yield f"  {'peak':<29}{r.peak_gib:>10.2f} GiB"

@@ -44,15 +44,35 @@ class Summary:
     def lines(self) -> Iterator[str]:
         if self.rows:
             yield from _table(self.rows)
-        for row in self.rows:
-            for note in row["notes"]:
-                yield f"note: {row['test']}: {note}"
+        yield from _notes(self.rows)
         if self.update:
             yield f"vram baselines: {self.count_line()}"
         if self.unused:
             hint = "removed by this update" if self.update else "remove with --vram-update"
             yield f"{len(self.unused)} unused vram baseline entries ({hint}):"
             yield from (f"  {u}" for u in sorted(self.unused))  # xdist merges in any order
+
+
+_NAMED_CASES = 3  # a note shared by more cases names this many, then counts the rest
+
+
+def _notes(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
+    """Each note once, with the cases it applies to (a simulation's note is on every ZeRO case
+    of the fake meter: it was printed once per case)."""
+    cases: dict[str, list[str]] = {}
+    for row in rows:
+        for note in row["notes"]:
+            where = cases.setdefault(note, [])
+            if row["test"] not in where:
+                where.append(row["test"])
+    for note, tests in cases.items():
+        if len(tests) == 1:
+            yield f"note: {tests[0]}: {note}"
+            continue
+        named = ", ".join(tests[:_NAMED_CASES])
+        more = len(tests) - _NAMED_CASES
+        rest = f" and {more} more" if more > 0 else ""
+        yield f"note ({len(tests)} tests: {named}{rest}): {note}"
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> Iterator[str]:

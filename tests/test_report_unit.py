@@ -167,6 +167,17 @@ def test_every_notes_line_names_its_test() -> None:
     assert lines[3:] == ["note: test_a: one", "note: test_a: two"]
 
 
+def test_a_note_shared_by_many_cases_is_printed_once_naming_them() -> None:
+    shared = "simulated ZeRO-3 layout over 8 ranks: ..."
+    rows = [row(f"test_{i}", 1000, 1000, notes=(shared,)) for i in range(5)]
+    rows.append(row("test_own", 1000, 1000, notes=("only here",)))
+    notes = [line for line in Summary(rows=rows).lines() if line.startswith("note")]
+    assert notes == [
+        f"note (5 tests: test_0, test_1, test_2 and 2 more): {shared}",
+        "note: test_own: only here",
+    ]
+
+
 def test_json_report_holds_the_rows_counts_unused_and_errors(tmp_path: Path) -> None:
     rows = [row("test_a", 1000, None, update=True), row("test_b", 2000, 1000, update=True)]
     summary = Summary(rows=rows, update=True, unused=["x.json: test_gone / case"])

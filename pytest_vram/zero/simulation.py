@@ -154,7 +154,8 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
         raise ValueError(f"no simulated ZeRO layout for {spec.optimizer} {spec.precision}")
     breakdown, host = _rank(spec, state, traced)
     note = (
-        f"simulated ZeRO-{spec.zero} layout over {spec.ranks} ranks: parameters, gradients and "
+        f"simulated ZeRO-{spec.zero} layout over {spec.ranks} rank{'s' * (spec.ranks != 1)}: "
+        "parameters, gradients and "
         "optimizer state as DeepSpeed partitions them; activations traced (forward and "
         "backward, unsharded) or the optimizer step's temporaries on the rank's partition, "
         "whichever is larger, plus ZeRO-3's reduction bucket; gathered layers, ZeRO-1/2 "
