@@ -375,6 +375,9 @@ def test_ctrl_c_during_a_case_ends_the_run_and_the_case(vram_project: VramProjec
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        # A terminal's run takes Ctrl-C; a run started as a background job inherits SIGINT
+        # ignored (POSIX shells without job control), and Python then never raises on it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     child = vram_project.path / "pids" / "child.pid"
     try:
