@@ -134,7 +134,8 @@ def test_summary_counts_new_baseline_files_and_leaves_the_index(tmp_path: Path) 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "baselines" / "host-cpu").mkdir(parents=True)
-    (tmp_path / "baselines" / "host-cpu" / "a.json").write_text("{}\n")
+    empty = '{"device": "%s", "entries": {}, "schema": 1}\n'
+    (tmp_path / "baselines" / "host-cpu" / "a.json").write_text(empty % "host-cpu")
     subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=tmp_path, check=True)
     (tmp_path / "reports").mkdir()
@@ -150,7 +151,7 @@ def test_summary_counts_new_baseline_files_and_leaves_the_index(tmp_path: Path) 
     (tmp_path / "github_output").unlink()
     new = tmp_path / "baselines" / "nvidia-h100-80gb-hbm3" / "suites" / "test_matrix.json"
     new.parent.mkdir(parents=True)
-    new.write_text("{}\n")
+    new.write_text(empty % "nvidia-h100-80gb-hbm3")
     changed = bash(script, tmp_path, [], **env)
     assert changed.returncode == 0, changed.stderr
     output = (tmp_path / "github_output").read_text()
@@ -160,6 +161,8 @@ def test_summary_counts_new_baseline_files_and_leaves_the_index(tmp_path: Path) 
     )
     assert "pytest-vram refresh: 1 created" in output
     assert "baselines/nvidia-h100-80gb-hbm3/suites/test_matrix.json | 1 +" in output
+    # the reviewer's case-by-case diff of the committed baselines against the refreshed ones
+    assert "pytest-vram diff: 0 moved (0 grew beyond 5.0%), 0 added, 0 removed" in output
     assert output.endswith("VRAM_BODY_EOF\n")
     status = subprocess.run(
         ["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True
