@@ -31,7 +31,7 @@ HERE: Final = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # loaded by path (the tests): the templates module sits beside it
     sys.path.insert(0, str(HERE))
 import gpu_smoke_cases as cases  # noqa: E402
-from gpu_smoke_cases import one_line  # noqa: E402
+from gpu_smoke_cases import install_hint, one_line  # noqa: E402
 
 REPO: Final = HERE.parent
 Status = Literal["pass", "fail", "skip"]
@@ -58,7 +58,7 @@ class Step:
     title: str
     run: Callable[[Context], Outcome]
     quick: bool = False  # part of --quick
-    needs: str | None = None  # a module of INSTALL it cannot run without
+    needs: str | None = None  # a module of cases.INSTALL it cannot run without
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,18 +325,6 @@ def step_xdist(ctx: Context) -> Outcome:
     if problems:
         return "fail", "; ".join(problems) + f" (see {r.log}.*)"
     return "pass", "exit 4: " + one_line(said[0], 180)
-
-
-# What a step cannot run without (its row is skipped then), and what installs it: one of
-# pytest-vram's extras (named with its libraries: pytest-vram is not on PyPI), or a package.
-INSTALL: Final = {"bitsandbytes": "quant", "deepspeed": "zero", "xdist": "pytest-xdist"}
-
-
-def install_hint(module: str) -> str:
-    from pytest_vram.errors import EXTRAS, extra
-
-    what = INSTALL.get(module, module)
-    return f"pip install {extra(what) if what in EXTRAS else what}"
 
 
 STEPS: Final = (

@@ -4,7 +4,8 @@ The generated test project and the snippets run in subprocesses are kept as text
 steps that run them, so the tests can check without a GPU that every file is valid Python and
 names every case, and so the smoke script itself never imports torch. The readers of their
 output (nvidia-smi's list, a snippet's JSON line, the JSON and JUnit reports) are pure
-functions. ``no_gpu_reason`` is the check made before anything else.
+functions. ``no_gpu_reason`` is the check made before anything else; ``install_hint`` says what
+installs what a skipped step needs.
 """
 
 from __future__ import annotations
@@ -277,3 +278,15 @@ def no_gpu_reason(env: dict[str, str]) -> tuple[str | None, tuple[Gpu, ...]]:
             gpus,
         )
     return None, gpus
+
+
+# What a step cannot run without (its row is skipped then), and what installs it: one of
+# pytest-vram's extras (named with its libraries: pytest-vram is not on PyPI), or a package.
+INSTALL: Final = {"bitsandbytes": "quant", "deepspeed": "zero", "xdist": "pytest-xdist"}
+
+
+def install_hint(module: str) -> str:
+    from pytest_vram.errors import EXTRAS, extra
+
+    what = INSTALL.get(module, module)
+    return f"pip install {extra(what) if what in EXTRAS else what}"

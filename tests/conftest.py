@@ -326,3 +326,12 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: fake.allocated_bytes)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: fake.reserved_bytes)
     return fake
+
+
+def estimate_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """``pytest-vram estimate ARGS --json`` in this process: its JSON object (status 0)."""
+    from pytest_vram.cli import main
+
+    assert main(["estimate", *args, "--json"]) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return data

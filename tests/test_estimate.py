@@ -6,14 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import TINY_SHAPE
+from conftest import estimate_json
 from pytest_vram import references, zoo
 from pytest_vram.cli import main
 from pytest_vram.estimate import Estimate, deepspeed_figure
@@ -32,14 +30,8 @@ LLAMA_7B_PARAMS = 6_738_415_616
 QWEN_32B_EMBEDDING = 152_064 * 5_120
 
 
-def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
-    assert main(["estimate", *args, "--json"]) == 0
-    data: dict[str, Any] = json.loads(capsys.readouterr().out)
-    return data
-
-
 def test_json_is_run_step_under_the_fake_meter(capsys: pytest.CaptureFixture[str]) -> None:
-    data = run_json(capsys, "tiny-llama", "--batch", "2", "--seq", "32")
+    data = estimate_json(capsys, "tiny-llama", "--batch", "2", "--seq", "32")
     expected = run_step(StepSpec(model="tiny-llama", batch=2, seq=32), FakeMeter()).to_dict()
     for key in ("label", "peak_bytes", "step_peak_bytes", "breakdown", "total_params", "spec"):
         assert data["result"][key] == expected[key], key
@@ -112,7 +104,7 @@ def test_capacity_takes_a_size_with_its_unit_as_the_marker_does(
 
 
 def test_qwen_32b_zero3_deepspeed_column(capsys: pytest.CaptureFixture[str]) -> None:
-    data = run_json(capsys, "qwen2.5-32b", "--seq", "32", "--zero", "3", "--offload", "both")
+    data = estimate_json(capsys, "qwen2.5-32b", "--seq", "32", "--zero", "3", "--offload", "both")
     total = zoo.MODELS["qwen2.5-32b"].published_params
     assert data["result"]["total_params"] == total
     column = data["columns"]["deepspeed"]
@@ -181,7 +173,9 @@ def test_qwen_32b_h100_article_quotes_deepspeed_printed_figures(
 def test_zero2_deepspeed_column_follows_offload_and_ranks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    data = run_json(capsys, "tiny-llama", "--zero", "2", "--offload", "optimizer", "--ranks", "4")
+    data = estimate_json(
+        capsys, "tiny-llama", "--zero", "2", "--offload", "optimizer", "--ranks", "4"
+    )
     column = data["columns"]["deepspeed"]
     cpu, gpu = stage_1_and_2.estimate_zero2_model_states_mem_needs(
         data["result"]["total_params"], 4, 1, cpu_offload=True
@@ -207,7 +201,7 @@ def test_config_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     with torch.device("meta"):
         params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     before = dict(zoo.MODELS)
-    data = run_json(capsys, str(path), "--seq", "16")
+    data = estimate_json(capsys, str(path), "--seq", "16")
     assert data["result"]["total_params"] == data["base_params"] == params
     assert data["result"]["breakdown"]["param_bytes"] == 2 * params
     assert data["result"]["label"].startswith(f"{path} full adamw bf16")
@@ -299,124 +293,7 @@ def test_deepspeed_column_counts_the_base_model_not_packed_bytes(
 ) -> None:
     """A QLoRA trace holds packed 4-bit bytes (two parameters per uint8 element); DeepSpeed's
     estimator takes the model's parameter count."""
-    data = run_json(capsys, "tiny-llama", "--method", "qlora", "--zero", "2", "--ranks", "2")
+    data = estimate_json(capsys, "tiny-llama", "--method", "qlora", "--zero", "2", "--ranks", "2")
     assert data["columns"]["deepspeed"]["total_params"] == data["base_params"]
     assert data["result"]["total_params"] < data["base_params"]
     assert "uint8" in data["result"]["param_dtype_bytes"]
-
-
-def estimate_process(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``pytest-vram estimate ARGS`` in a fresh process."""
-    command = [sys.executable, "-m", "pytest_vram.cli", "estimate", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, check=False)
-
-
-def small_config(path: Path, kind: str = "LlamaConfig", **fields: Any) -> Path:
-    """A 2-layer config.json of transformers' ``kind`` config class."""
-    import transformers
-
-    shape: dict[str, Any] = {**TINY_SHAPE, "head_dim": 16}
-    getattr(transformers, kind)(**{**shape, **fields}).to_json_file(path)
-    return path
-
-
-def test_a_model_without_sdpa_runs_eager_and_says_so(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Gemma2 has no sdpa attention in transformers: unasked, the estimate uses eager (as
-    transformers itself falls back) and says so; --attention eager runs without a note (the
-    meta-device parameter count used to build with sdpa regardless); --attention sdpa is
-    refused in one line naming the attention to use."""
-    import transformers
-
-    path = small_config(tmp_path / "config.json", "Gemma2Config", query_pre_attn_scalar=16)
-    why = f"Gemma2ForCausalLM has no sdpa attention in transformers {transformers.__version__}"
-
-    data = run_json(capsys, str(path), "--seq", "16")
-    assert data["result"]["spec"]["attention"] == "eager"
-    assert data["result"]["notes"][0] == f"attention eager, not the default sdpa: {why}"
-    assert main(["estimate", str(path), "--seq", "16"]) == 0
-    captured = capsys.readouterr()
-    assert f"  note: attention eager, not the default sdpa: {why}\n" in captured.out
-    assert captured.err == ""
-
-    eager = run_json(capsys, str(path), "--seq", "16", "--attention", "eager")
-    assert eager["result"]["peak_bytes"] == data["result"]["peak_bytes"]
-    assert not any("attention" in note for note in eager["result"]["notes"])
-
-    assert main(["estimate", str(path), "--attention", "sdpa"]) == 2
-    captured = capsys.readouterr()
-    assert (captured.out, captured.err) == (
-        "",
-        f"pytest-vram estimate: model {str(path)!r}: {why}; use attention='eager'\n",
-    )
-
-
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        # Fails the config class's own validation (huggingface_hub's StrictDataclassError).
-        (
-            {"num_attention_heads": 5},
-            ": Class validation error for validator 'validate_architecture': ValueError: The "
-            "hidden size (64) is not a multiple of the number of attention heads (5).",
-        ),
-        # Builds an embedding whose padding_idx fails an assert.
-        (
-            {"pad_token_id": 600},
-            ": pad_token_id=600 is outside the vocabulary (vocab_size=512); set it below "
-            "vocab_size or to null",
-        ),
-        # Passes the config, fails in the forward.
-        (
-            {"num_key_value_heads": 3},
-            ": transformers raised RuntimeError: The size of tensor a (4) must match the "
-            "size of tensor b (3) at non-singleton dimension 1",
-        ),
-    ],
-)
-def test_a_config_transformers_cannot_run_exits_2_in_one_line(
-    tmp_path: Path, fields: dict[str, Any], message: str
-) -> None:
-    """In a process of its own, as a user runs it (transformers binds its log handler to the
-    stderr of the moment, which capsys closes). transformers' own warnings about the config
-    may come first, as lines of their own; never a traceback."""
-    path = tmp_path / "config.json"
-    small_config(path, **{k: v for k, v in fields.items() if k != "num_attention_heads"})
-    if "num_attention_heads" in fields:  # the config class itself refuses to write it
-        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
-    run = estimate_process(tmp_path, str(path), "--seq", "8")
-    lines = [line for line in run.stderr.splitlines() if not line.startswith("[transformers]")]
-    assert (run.returncode, run.stdout) == (2, "")
-    assert lines == [f"pytest-vram estimate: model {str(path)!r}{message}"]
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        ([], "the following arguments are required: model"),
-        (["tiny-llama", "--batch", "x"], "argument --batch: invalid int value: 'x'"),
-        (["tiny-llama", "--no-such-option"], "unrecognized arguments: --no-such-option"),
-    ],
-)
-def test_bad_arguments_exit_2_in_one_line(
-    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["estimate", *args]) == 2
-    captured = capsys.readouterr()
-    assert (captured.out, captured.err) == (
-        "",
-        f"pytest-vram estimate: {message} (see pytest-vram estimate --help)\n",
-    )
-
-
-def test_libraries_import_chatter_stays_out_of_stderr(tmp_path: Path) -> None:
-    """A fresh process, as a user runs it: LoRA imports peft, which imports bitsandbytes (its
-    'Failed to load CPU gemm_4bit_forward from kernels-community' line), peft reads
-    transformers' deprecated is_gradient_checkpointing, and the DeepSpeed column imports
-    DeepSpeed, which guesses its accelerator aloud. None of that is the estimate's."""
-    args = ["tiny-llama", "--method", "lora", "--zero", "2", "--ranks", "2", "--seq", "16"]
-    run = estimate_process(tmp_path, *args)
-    assert run.returncode == 0, run.stderr
-    assert "  DeepSpeed estimator    " in run.stdout
-    assert run.stderr == ""

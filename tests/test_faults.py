@@ -16,9 +16,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from procs import assert_gone, group, running
 
 from conftest import VramProject, output
 
@@ -129,38 +129,6 @@ def module(*tests: str, extra: str = "") -> str:
 def pids(project: VramProject) -> dict[str, int]:
     folder = project.path / "pids"
     return {p.stem: int(p.read_text()) for p in folder.glob("*.pid")} if folder.is_dir() else {}
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text.rpartition(")")[2].split()
-
-
-def running(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def group(pgid: int) -> list[int]:
-    """The running members of process group ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-                members.append(int(entry.name))
-    return members
-
-
-def assert_gone(named: dict[str, int], within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while (left := {n: p for n, p in named.items() if running(p)}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not left, f"still running after the case: {left}"
 
 
 def assert_fault(

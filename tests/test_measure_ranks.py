@@ -11,7 +11,7 @@ import re
 import time
 
 import pytest
-from test_faults import assert_gone
+from procs import assert_gone
 
 from conftest import VramProject, output
 

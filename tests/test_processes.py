@@ -9,8 +9,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
-from test_faults import group
-from test_faults import running as alive  # a zombie is not alive
+from procs import group
+from procs import running as alive  # a zombie is not alive
 
 from pytest_vram import processes
 
