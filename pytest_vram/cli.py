@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_vram import estimate_cli
-from pytest_vram.errors import extra, missing_library
+from pytest_vram.errors import SpecError, extra, missing_library
 
 __all__ = ["main"]
 
@@ -106,7 +106,6 @@ def _review_arguments(parser: argparse.ArgumentParser, diff: bool) -> None:
 def _review(command: str, args: Sequence[str]) -> int:
     from pytest_vram import review
     from pytest_vram.baselines import BaselineError
-    from pytest_vram.errors import SpecError
     from pytest_vram.units import parse_fraction
 
     prog = f"pytest-vram {command}"

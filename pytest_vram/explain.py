@@ -13,7 +13,7 @@ from typing import Final
 from pytest_vram.result import MemoryResult
 from pytest_vram.units import format_bytes, format_pair
 
-__all__ = ["made_of", "moved"]
+__all__ = ["change", "drift", "made_of", "moved"]
 
 _INDENT: Final = "  "
 _HOST: Final = "host offload (not in the peak)"
@@ -24,9 +24,16 @@ def _terms(result: MemoryResult) -> Iterator[tuple[str, int]]:
     yield _HOST, result.host_offload_bytes
 
 
-def _change(before: int, after: int) -> str:
+def drift(before: int, after: int) -> float:
+    """The relative change, from the difference: 1050 / 1000 - 1 is 0.05000000000000004, which
+    a 5% tolerance would refuse."""
+    return (after - before) / before if before else float("inf")
+
+
+def change(before: int, after: int) -> str:
+    """``22.00 MiB -> 32.00 MiB (+10.00 MiB, +45.5%)``; no % from zero."""
     shown_before, shown_after = format_pair(before, after)
-    share = f", {(after - before) / before:+.1%}" if before else ""
+    share = f", {drift(before, after):+.1%}" if before else ""
     return f"{shown_before} -> {shown_after} ({format_bytes(after - before, sign=True)}{share})"
 
 
@@ -57,7 +64,7 @@ def _moved_terms(base: MemoryResult, now: MemoryResult, tolerance: float) -> lis
         new = after[name]
         # A term that appears, or moves beyond the tolerance of its own size.
         if new != old and (old == 0 or abs(new - old) / old > tolerance):
-            changed.append((abs(new - old), f"{_INDENT * 2}{name}: {_change(old, new)}"))
+            changed.append((abs(new - old), f"{_INDENT * 2}{name}: {change(old, new)}"))
     return [line for _, line in sorted(changed, key=lambda pair: -pair[0])]
 
 
@@ -68,7 +75,7 @@ def _moved_step(base: MemoryResult, now: MemoryResult) -> str | None:
     step = max(range(len(old)), key=lambda i: abs(new[i] - old[i]))
     if new[step] == old[step]:
         return None
-    return f"{_INDENT}step {step + 1} of {len(old)} moved most: {_change(old[step], new[step])}"
+    return f"{_INDENT}step {step + 1} of {len(old)} moved most: {change(old[step], new[step])}"
 
 
 def _ranks(numbers: list[int]) -> str:
@@ -89,7 +96,7 @@ def _moved_ranks(base: MemoryResult, now: MemoryResult) -> list[str]:
         if b.peak_bytes != n.peak_bytes:
             alike.setdefault((b.peak_bytes, n.peak_bytes), []).append(i)
     changes = sorted(alike.items(), key=lambda item: -abs(item[0][1] - item[0][0]))
-    return [f"{_INDENT * 2}{_ranks(ranks)}: {_change(old, new)}" for (old, new), ranks in changes]
+    return [f"{_INDENT * 2}{_ranks(ranks)}: {change(old, new)}" for (old, new), ranks in changes]
 
 
 def moved(base: MemoryResult, now: MemoryResult, tolerance: float) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Final, final
 from pytest_vram import explain
 from pytest_vram.baselines import BaselineError, valid_entries
 from pytest_vram.result import MemoryResult
-from pytest_vram.units import format_bytes, format_pair
+from pytest_vram.units import format_bytes
 
 __all__ = ["Key", "diff", "load", "show"]
 
@@ -99,15 +99,11 @@ def diff(
         if before.peak_bytes == after.peak_bytes and before.breakdown == after.breakdown:
             continue
         moved += 1
-        base = before.peak_bytes
-        drift = (after.peak_bytes - base) / base if base else float("inf")
-        beyond = drift > tolerance
+        beyond = explain.drift(before.peak_bytes, after.peak_bytes) > tolerance
         grew += beyond
-        shown_before, shown_after = format_pair(base, after.peak_bytes)
-        delta = format_bytes(after.peak_bytes - base, sign=True)
         flag = f"  GREW beyond {tolerance:.1%}" if beyond else ""
         lines.append(str(key))
-        lines.append(f"  peak {shown_before} -> {shown_after} ({delta}, {drift:+.1%}){flag}")
+        lines.append(f"  peak {explain.change(before.peak_bytes, after.peak_bytes)}{flag}")
         lines.extend(explain.moved(before, after, tolerance))
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))

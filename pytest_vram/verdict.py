@@ -181,9 +181,7 @@ def judge(
                 f"    [{label}]: {format_bytes(peak)}" for label, peak in sorted(others.items())
             )
     elif baseline.peak_bytes != peak:
-        # The difference first: 1050 / 1000 - 1 is 0.05000000000000004, beyond a 5% tolerance.
-        base = baseline.peak_bytes
-        drift = (peak - base) / base if base else float("inf")
+        drift = explain.drift(baseline.peak_bytes, peak)
         if abs(drift) > budget.tolerance:
             changed = versions_changed(baseline.versions, result.versions)
             why = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -119,30 +120,27 @@ class Job:
     def check_picklable(self) -> None:
         """A local function or lambda cannot reach the child; say so before forking."""
         try:
-            pickle.dumps((self.fn, self.args, self.kwargs))
+            self.call  # noqa: B018 - pickled once, here, and sent as it is
         except Exception as exc:
             raise SpecError(
                 f"vram.measure needs an importable module-level function and picklable "
                 f"arguments; {self.label} cannot be sent to the worker: {exc}"
             ) from None
 
+    @functools.cached_property
+    def call(self) -> bytes | None:
+        """The pickled ``(fn, args, kwargs)``, unpickled by ``user_step.measure_call`` where it
+        runs (cached in the instance, so it travels as these bytes)."""
+        return pickle.dumps((self.fn, self.args, self.kwargs)) if self.fn is not None else None
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if self.fn is not None:
-            state.update(fn=None, args=(), kwargs={}, _label=self.label)
-            state["_call"] = pickle.dumps((self.fn, self.args, self.kwargs))
+            state.update(fn=None, args=(), kwargs={}, _label=self.label, call=self.call)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)  # frozen: no __setattr__
-
-    @property
-    def call(self) -> bytes | None:
-        """The pickled ``(fn, args, kwargs)``, for ``unpickle_call`` where it runs."""
-        if "_call" in self.__dict__:
-            call: bytes = self.__dict__["_call"]
-            return call
-        return pickle.dumps((self.fn, self.args, self.kwargs)) if self.fn is not None else None
 
 
 @final
