@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from pytest_vram import estimate_cli
+from pytest_vram import __version__, estimate_cli
 from pytest_vram.errors import SpecError, extra, missing_library
 
 __all__ = ["main"]
@@ -145,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(
         prog="pytest-vram", description="GPU memory budgets and baselines for fine-tuning steps"
     )
+    parser.add_argument("--version", action="version", version=f"pytest-vram {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "refresh",

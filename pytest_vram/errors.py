@@ -54,6 +54,7 @@ EXTRAS: Final = {
     "zero": "'deepspeed>=0.16,<0.20' 'ninja>=1.11'",
     "quant": "'bitsandbytes>=0.45,<0.51'",
     "gpu": "'nvidia-ml-py>=12'",
+    "report": "'matplotlib>=3.10,<3.12'",
 }
 
 

@@ -140,6 +140,14 @@ def text_lines(est: Estimate) -> Iterator[str]:
     for name, nbytes in r.breakdown.rows():
         yield f"  {name:<29}{gib(nbytes):>10.2f} GiB"
     yield f"  {'peak':<29}{r.peak_gib:>10.2f} GiB"
+    if r.reserved_bytes is not None and r.allocated_bytes is not None:
+        # What torch.cuda.max_memory_reserved() would say: the caching allocator simulated.
+        conf = r.environment.get("PYTORCH_CUDA_ALLOC_CONF", "default settings")
+        yield f"  {'predicted CUDA reserved':<29}{gib(r.reserved_bytes):>10.2f} GiB"
+        yield (
+            f"      the caching allocator over this trace ({conf}): allocated "
+            f"{gib(r.allocated_bytes):.2f} GiB in blocks, reserved in segments"
+        )
     if r.host_offload_bytes:
         yield f"  {'offloaded to host':<29}{gib(r.host_offload_bytes):>10.2f} GiB"
     yield f"  params: {r.total_params:,} ({r.trainable_params:,} trained)"

@@ -87,6 +87,18 @@ def _peak_source(text: str) -> str:
     return text
 
 
+SNAPSHOT_MODES: Final = ("failed", "all", "none")
+
+
+def _snapshots(text: str) -> str:
+    lowered = str(text).strip().lower()
+    if lowered not in SNAPSHOT_MODES:
+        raise pytest.UsageError(
+            f"--vram-snapshots={text!r}; choose one of: {', '.join(SNAPSHOT_MODES)}"
+        )
+    return lowered
+
+
 def _flag(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -178,10 +190,24 @@ OPTIONS: Final = (
     ),
     _Option(
         "--vram-json",
-        "write every measured case (result, verdict, baseline) to this JSON file; memory "
-        "snapshots of failing GPU cases go to a snapshots/ folder beside it",
+        "write every measured case (result, verdict, baseline) to this JSON file; kept memory "
+        "snapshots go to a snapshots/ folder beside it",
         _path_option("--vram-json"),
         None,
+    ),
+    _Option(
+        "--vram-html",
+        "write a self-contained HTML report of every case (breakdown at the peak, baseline "
+        "and budget, ranks, memory over the step) to this file; needs the report extra",
+        _path_option("--vram-html"),
+        None,
+    ),
+    _Option(
+        "--vram-snapshots",
+        "memory snapshots for https://pytorch.org/memory_viz, from every meter: kept for "
+        "failed cases (default), all cases, or none (not recorded: a little faster)",
+        _snapshots,
+        "failed",
     ),
     _Option(
         "--vram-import",
@@ -222,13 +248,15 @@ class Settings:
     peak_source: str = "reserved"
     json_path: Path | None = None
     benchmark_json_path: Path | None = None
+    html_path: Path | None = None
+    snapshots: str = "failed"  # SNAPSHOT_MODES
 
     @property
     def snapshots_dir(self) -> Path:
-        """Where memory snapshots of failing GPU cases are kept."""
-        base = (
-            self.json_path.parent if self.json_path else self.baselines_dir.parent / ".vram-report"
-        )
+        """Where kept memory snapshots go: beside the JSON or HTML report, else in
+        .vram-report beside the baselines."""
+        report = self.json_path or self.html_path
+        base = report.parent if report else self.baselines_dir.parent / ".vram-report"
         return base / "snapshots"
 
 
@@ -270,6 +298,8 @@ def resolve(config: pytest.Config) -> Settings:
             if values["vram_benchmark_json"]
             else None
         ),
+        html_path=_rooted(config, values["vram_html"]) if values["vram_html"] else None,
+        snapshots=values["vram_snapshots"],
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Final, final
 
 from pytest_vram.errors import SpecError
 from pytest_vram.spec import StepSpec
+from pytest_vram.timeline import Timeline
 
 __all__ = ["GIB", "PEAK_SOURCES", "SCHEMA", "Breakdown", "MemoryResult", "StepMeasure", "gib"]
 
@@ -82,7 +83,7 @@ class MemoryResult:
     host_offload_bytes: int = 0  # peak bytes of state offloaded to host memory
     ranks: tuple[MemoryResult, ...] = ()  # one result per rank; peak_bytes is their max
     zero_config: Mapping[str, Any] | None = None  # the DeepSpeed config the step ran with
-    snapshot_path: str | None = None  # GPU memory snapshot (memory_viz), when one was taken
+    snapshot_path: str | None = None  # memory snapshot (memory_viz), when one was written
     trainable_params: int = 0
     total_params: int = 0
     # Parameter storage by dtype ("bfloat16", "uint8" for bitsandbytes' packed 4-bit, ...)
@@ -92,6 +93,8 @@ class MemoryResult:
     # driver, MIG mode, whether NVML saw the process): drift messages name what changed.
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()  # how the libraries behaved, e.g. "paging fell back on CPU"
+    # Device bytes over the steps (for the HTML report); not kept in baselines.
+    timeline: Timeline | None = None
 
     @property
     def peak_gib(self) -> float:
@@ -106,7 +109,17 @@ class MemoryResult:
         data["param_dtype_bytes"] = dict(self.param_dtype_bytes)
         data["notes"] = list(self.notes)
         data["ranks"] = [r.to_dict() for r in self.ranks]
+        data["timeline"] = self.timeline.to_dict() if self.timeline else None
         data["schema"] = SCHEMA
+        return data
+
+    def baseline_dict(self) -> dict[str, Any]:
+        """``to_dict`` without what belongs to one run only: the timelines, and the snapshot's
+        path (a temporary file, or one kept in the report's folder)."""
+        data = self.to_dict()
+        for where in (data, *data["ranks"]):
+            where.pop("timeline", None)
+            where["snapshot_path"] = None
         return data
 
     @classmethod
@@ -201,6 +214,12 @@ def _from_dict(data: Mapping[str, Any], where: str) -> MemoryResult:
     if source not in ("storage", *PEAK_SOURCES):
         raise _bad(f"{where}peak_source", source, ", ".join(("storage", *PEAK_SOURCES)))
     zero = data.get("zero_config")
+    timeline = data.get("timeline")
+    if timeline is not None:
+        try:
+            timeline = Timeline.from_dict(timeline)
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
     snapshot = data.get("snapshot_path")
     dtypes = _object(f"{where}param_dtype_bytes", data.get("param_dtype_bytes", {}))
     counts: dict[str, Any] = {k: _count(f"{where}{k}", data[k]) for k in _COUNTS if k in data}
@@ -235,5 +254,6 @@ def _from_dict(data: Mapping[str, Any], where: str) -> MemoryResult:
             _from_dict(r, f"{where}ranks[{i}].")
             for i, r in enumerate(_items(f"{where}ranks", data.get("ranks", ())))
         ),
+        timeline=timeline,
         **counts,
     )

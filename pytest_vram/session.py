@@ -80,18 +80,21 @@ class VramSession:
 
     def job(self, meter: str, **fields: Any) -> Job:
         options: dict[str, Any] = {}
-        if meter == "cuda":
+        if self.settings.snapshots != "none":
             if self._snapshot_tmp is None:
                 self._snapshot_tmp = tempfile.mkdtemp(prefix="pytest-vram-snapshots-")
-            options = {"peak_source": self.settings.peak_source, "snapshot_dir": self._snapshot_tmp}
+            options["snapshot_dir"] = self._snapshot_tmp
+        if meter == "cuda":
+            options["peak_source"] = self.settings.peak_source
         return Job(meter, meter_options=options, **fields)
 
     def keep_snapshot(self, result: MemoryResult, failed: bool) -> str | None:
-        """A failing GPU case keeps its memory snapshot in the report's folder; others drop it."""
+        """A case's memory snapshot is kept in the report's folder when it failed (or with
+        --vram-snapshots=all); otherwise it is dropped."""
         path = Path(result.snapshot_path) if result.snapshot_path else None
         if path is None or not path.exists():
             return None
-        if not failed:
+        if not failed and self.settings.snapshots != "all":
             path.unlink()
             return None
         target = self.settings.snapshots_dir / path.name
@@ -185,10 +188,16 @@ class VramSession:
             reasons.extend(verdict.reasons)
             reasons.extend(verdict.details)
             if snapshot:
-                reasons.append(
+                line = (
                     f"memory snapshot of [{verdict.result.label}]: {snapshot} "
                     "(open it in https://pytorch.org/memory_viz)"
                 )
+                # A passing case's snapshot (--vram-snapshots=all) is named in its report
+                # section; only a failure's is one of the reasons it failed.
+                if verdict.failed:
+                    reasons.append(line)
+                else:
+                    report.sections.append((f"vram snapshot {verdict.result.label}", line))
         if reasons and report.passed:
             report.outcome = "failed"
             report.longrepr = "\n".join(reasons)
@@ -233,7 +242,9 @@ class VramSession:
             )
             verdicts.append(verdict)
             if self.settings.update:
-                self.pending[(result.device, module)].setdefault(test, {})[label] = result.to_dict()
+                self.pending[(result.device, module)].setdefault(test, {})[label] = (
+                    result.baseline_dict()
+                )
             if completed:
                 self.ran[(result.device, module)].setdefault(test, set()).add(label)
         return verdicts
@@ -334,8 +345,22 @@ class VramSession:
                 write_benchmark_json(benchmark, self.summary)
             except OSError as exc:
                 self.errors.append(f"--vram-benchmark-json: cannot write {benchmark}: {exc}")
+        html = self.settings.html_path
+        if workeroutput is None and html is not None:
+            self._write_html(html)
         if self.errors:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _write_html(self, path: Path) -> None:
+        try:
+            from pytest_vram import html_report
+        except ImportError as exc:  # the report extra (its plotting library) is not installed
+            self.errors.append(f"--vram-html: {exc}")
+            return
+        try:
+            html_report.write_html(path, self.summary.rows, self.errors)
+        except OSError as exc:
+            self.errors.append(f"--vram-html: cannot write {path}: {exc}")
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -349,7 +374,7 @@ class VramSession:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         try:
-            lines = list(self.summary.lines())
+            lines = list(self.summary.lines(Summary.terminal_width(self.config)))
         except Exception as exc:  # the summary never breaks the run
             lines = [f"pytest-vram could not render its summary: {exc!r}"]
         # Another xdist worker may have replaced an entry this one kept: the file has the new one.

@@ -12,11 +12,15 @@ import dataclasses
 import functools
 import importlib.util
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from pytest_vram import errors, methods, stages
 from pytest_vram.meters.base import MemorySnapshots, Meter, Roles
@@ -26,7 +30,7 @@ from pytest_vram.spec import StepSpec
 if TYPE_CHECKING:
     from pytest_vram.zero import engine
 
-__all__ = ["library_versions", "result_of", "roles_of", "run_step"]
+__all__ = ["library_versions", "optimizer_phases", "result_of", "roles_of", "run_step"]
 
 _LIBRARIES = ("torch", "transformers", "peft", "pytest-vram")
 # Weights' dtype; amp-* keeps fp32 weights (the master copy) and autocasts the compute.
@@ -197,6 +201,44 @@ class _OptimizerTrainer:
         return self.opt.notes(self.optimizer)
 
 
+class Phases:
+    """Marks the optimizer phase at the first optimizer step of each training step: every
+    optimizer the methods build (bitsandbytes', GaLore's, DeepSpeed's base optimizer) is a torch
+    Optimizer, whose global pre-hook sees it; LOMO updates inside backward and has none.
+    ``then``: the phase that follows an optimizer step, for a user's function whose own phases
+    are unknown; run_step marks its phases itself."""
+
+    def __init__(self, meter: Meter, then: str | None = None) -> None:
+        self.meter = meter
+        self.then = then
+        self.step = 0
+        self._marked = 0
+
+    def before(self, *_: object) -> None:
+        if self.step and self._marked != self.step:
+            self._marked = self.step
+            self.meter.phase("optimizer", self.step)
+
+    def after(self, *_: object) -> None:
+        if self.then is not None and self._marked == self.step:
+            self.step += 1
+            self.meter.phase(self.then, self.step)
+
+
+@contextlib.contextmanager
+def optimizer_phases(meter: Meter, then: str | None = None) -> Iterator[Phases]:
+    phases = Phases(meter, then)
+    handles = [
+        register_optimizer_step_pre_hook(phases.before),
+        register_optimizer_step_post_hook(phases.after),
+    ]
+    try:
+        yield phases
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> MemoryResult:
     """One case under ``meter``; a ZeRO spec runs on ``spec.ranks`` forked ranks, each of
     which imports ``rank_imports`` first."""
@@ -237,7 +279,8 @@ def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) ->
     snapshots = meter if isinstance(meter, MemorySnapshots) else None
     if snapshots is not None:
         snapshots.snapshot_label = spec.label
-    with meter:
+    with meter, optimizer_phases(meter) as phases:
+        meter.phase("setup", 0)
         model = method.build_model(spec, _DTYPES[spec.precision], meter.device)
         model.config.use_cache = False  # type: ignore[union-attr]  # training: no KV cache
         if spec.grad_ckpt:
@@ -269,18 +312,23 @@ def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) ->
 
             trainer = engine.ZeroTrainer(model, optimizer, spec, meter)
         stage = stages.STAGES[spec.stage](model, spec, meter.device, trainer.forward)
-        for _ in range(spec.steps):
+        for step in range(1, spec.steps + 1):
             meter.step_begin()
+            phases.step = step
+            meter.phase("forward", step)
             inputs = stage.batch()
             with _autocast(spec, meter.device):
                 loss = stage.loss(inputs)
+            meter.phase("backward", step)
             trainer.backward_step(loss)
             # Roles are not kept: holding them would keep this step's gradients alive.
             steps.append(meter.step_end(trainer.roles()))
             trainer.zero_grad()
             del loss, inputs
         result = result_of(spec.label, spec, meter, steps, model, trainer.notes())
-    # A snapshot is written when the meter exits.
+    # A snapshot is written when the meter exits, and the cuda meter's timeline read from it.
     snapshot = snapshots.snapshot_path if snapshots is not None else None
     zero_config = planned if planned is not None else trainer.config
-    return dataclasses.replace(result, zero_config=zero_config, snapshot_path=snapshot)
+    return dataclasses.replace(
+        result, zero_config=zero_config, snapshot_path=snapshot, timeline=meter.timeline()
+    )

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from pytest_vram.errors import SpecError
 
 __all__ = [
     "BINARY_UNITS",
+    "column_unit",
     "format_bytes",
     "format_gib",
+    "format_in",
     "format_pair",
     "parse_fraction",
     "parse_size",
@@ -207,7 +209,19 @@ def format_pair(first: int, second: int) -> tuple[str, str]:
 def format_gib(values: Sequence[int | None], decimals: int = 3) -> list[str]:
     """Byte counts as bare GiB numbers for a column headed GiB (None as ``-``): ``decimals``
     places, or as many more as tell apart any two of them that differ."""
+    return format_in(values, "GiB", decimals)
+
+
+def format_in(values: Sequence[int | None], unit: str, decimals: int = 3) -> list[str]:
+    """``format_gib`` in another unit of ``BINARY_UNITS``, for a column headed with it."""
+    scale = BINARY_UNITS[unit]
     given = [v for v in values if v is not None]
-    places = _apart(given, GIB, decimals)
+    places = _apart(given, scale, decimals)
     places = _MAX_DECIMALS if places is None else places
-    return ["-" if v is None else f"{v / GIB:.{places}f}" for v in values]
+    return ["-" if v is None else f"{v / scale:.{places}f}" for v in values]
+
+
+def column_unit(values: Iterable[int | None]) -> str:
+    """The one unit of a table's columns of sizes: GiB when any reaches 1 GiB, else MiB, so a
+    tiny model's 20 MiB peak reads ``20.480``, not ``0.020``."""
+    return "GiB" if any(v is not None and abs(v) >= GIB for v in values) else "MiB"

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pytest_vram.meters.base import Meter, Roles
+from pytest_vram.meters.base import MemorySnapshots, Meter, Roles
 from pytest_vram.result import MemoryResult, StepMeasure
-from pytest_vram.step import result_of, roles_of
+from pytest_vram.step import optimizer_phases, result_of, roles_of
 
 if TYPE_CHECKING:
     from pytest_vram.zero.accounting import EngineAccounting
@@ -97,7 +97,13 @@ def measure_fn(
     freed before then (gradients after ``zero_grad``) count as activations and temporaries.
     """
     windows = _Windows(meter)
-    with meter, _engines(meter) as engines:
+    name = label if label is not None else f"{fn.__module__}.{fn.__qualname__}"
+    snapshots = meter if isinstance(meter, MemorySnapshots) else None
+    if snapshots is not None:
+        snapshots.snapshot_label = name
+    with meter, _engines(meter) as engines, optimizer_phases(meter, then="user") as phases:
+        phases.step = 1
+        meter.phase("user", 1)
         windows.engines = engines
         _OPEN.append(windows)
         try:
@@ -116,8 +122,10 @@ def measure_fn(
             windows.steps.append(tail)
         if model is None and engines:
             model = engines[0].engine.module
-        name = label if label is not None else f"{fn.__module__}.{fn.__qualname__}"
         result = result_of(name, None, meter, windows.steps, model)
+    # Read after exit: the cuda meter's timeline comes from the snapshot it writes then.
+    snapshot = snapshots.snapshot_path if snapshots is not None else None
+    result = dataclasses.replace(result, timeline=meter.timeline(), snapshot_path=snapshot)
     # The config DeepSpeed ran with, as for a built-in ZeRO case (the first engine's).
     return dataclasses.replace(result, zero_config=engines[0].config) if engines else result
 

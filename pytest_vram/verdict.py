@@ -70,10 +70,12 @@ class CaseVerdict:
         lines.append(f"  per-step peaks (GiB): {steps}")
         if r.peak_source != "storage":
             lines.append(f"  the budget checks: {r.peak_source}")
+        # Off the GPU these are the CUDA caching allocator's numbers, simulated over the trace.
+        predicted = "predicted " if r.meter != "cuda" else ""
         for name in ("allocated", "reserved", "nvml"):
             nbytes = getattr(r, f"{name}_bytes")
             if nbytes is not None:
-                lines.append(f"  {name}: {gib(nbytes):.4f} GiB")
+                lines.append(f"  {predicted}{name}: {gib(nbytes):.4f} GiB")
         for rank, rr in enumerate(r.ranks):
             lines.append(
                 f"  rank {rank}: peak {gib(rr.peak_bytes):.4f} GiB, "
@@ -168,7 +170,9 @@ def judge(
         if baseline is None:
             action = "created"
         else:
-            action = "unchanged" if baseline.to_dict() == result.to_dict() else "updated"
+            action = (
+                "unchanged" if baseline.baseline_dict() == result.baseline_dict() else "updated"
+            )
     elif baseline is None:
         statuses.append("no-baseline")
         reasons.append(

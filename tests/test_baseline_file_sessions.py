@@ -16,6 +16,13 @@ from baseline_docs import write_doc
 from conftest import LABEL, SMALL, output
 from pytest_vram.baselines import BaselineStore
 
+
+@pytest.fixture(autouse=True)
+def _whole_table_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vram table fits the terminal's width (test_summary_table.py): rows and notes whole."""
+    monkeypatch.setenv("COLUMNS", "500")
+
+
 THREE_TESTS = "import pytest\n" + "".join(
     f"\n@pytest.mark.vram_budget(gb=0.25)\ndef test_{name}(vram):\n    vram.step({SMALL})\n"
     for name in "abc"

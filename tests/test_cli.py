@@ -67,3 +67,16 @@ def test_refresh_needs_a_command(pytester: pytest.Pytester) -> None:
     result = pytester.run(sys.executable, "-m", "pytest_vram.cli")
     assert result.ret == 2
     result.stderr.fnmatch_lines(["*the following arguments are required: command*"])
+
+
+def test_version_answers_without_importing_torch(pytester: pytest.Pytester) -> None:
+    from pytest_vram import __version__
+
+    probe = (
+        "import sys, runpy; sys.argv = ['pytest-vram', '--version']\n"
+        "try:\n    runpy.run_module('pytest_vram.cli', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print('torch' in sys.modules, exit.code)\n"
+    )
+    result = pytester.run(sys.executable, "-c", probe)
+    assert result.outlines == [f"pytest-vram {__version__}", "False 0"]

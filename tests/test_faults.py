@@ -22,6 +22,13 @@ from procs import assert_gone, group, running
 
 from conftest import VramProject, output
 
+
+@pytest.fixture(autouse=True)
+def _whole_table_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vram table fits the terminal's width (test_summary_table.py): rows and notes whole."""
+    monkeypatch.setenv("COLUMNS", "500")
+
+
 # The case module: functions the child runs through vram.measure, and how they note their pids.
 CASES = """
     import ctypes
@@ -323,7 +330,9 @@ def test_server_killed_during_a_case_keeps_its_result(vram_project: VramProject)
     vram_project.write(module("test_during:kill_server", "test_after:fine", extra=SERVER_DIES))
     result = vram_project.run("--vram-update")
     result.assert_outcomes(passed=2)
-    result.stdout.re_match_lines([r"^test_mem\.py::test_during\s+test_mem\.kill_server\s+0\.000"])
+    result.stdout.re_match_lines(
+        [r"^test_mem\.py::test_during\s+test_mem\.kill_server\s+host\s+0\.000"]
+    )
     assert_gone(pids(vram_project))
 
 

@@ -106,8 +106,8 @@ class TracingMeter(BareMeter):
 def test_each_meter_declares_the_capabilities_it_has() -> None:
     host, fake, cuda = HostMeter(), FakeMeter(), CudaMeter(sample_nvml=False)
     capabilities = (HostOffloadTagging, MemorySnapshots, DeviceIndexed)
-    assert [isinstance(host, c) for c in capabilities] == [True, False, False]
-    assert [isinstance(fake, c) for c in capabilities] == [False, False, False]
+    assert [isinstance(host, c) for c in capabilities] == [True, True, False]
+    assert [isinstance(fake, c) for c in capabilities] == [False, True, False]
     assert [isinstance(cuda, c) for c in capabilities] == [True, True, True]
     assert [m.simulates_zero for m in (host, fake, cuda)] == [False, True, False]
     assert [m.peak_source for m in (host, fake, cuda)] == ["storage", "storage", "reserved"]

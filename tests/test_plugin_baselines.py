@@ -8,6 +8,13 @@ import pytest
 
 from conftest import LABEL, SMALL, output
 
+
+@pytest.fixture(autouse=True)
+def _whole_table_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vram table fits the terminal's width (test_summary_table.py): rows and notes whole."""
+    monkeypatch.setenv("COLUMNS", "500")
+
+
 ONE_TEST = f"""
     import pytest
 

@@ -10,6 +10,13 @@ import pytest
 
 from conftest import output
 
+
+@pytest.fixture(autouse=True)
+def _whole_table_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vram table fits the terminal's width (test_summary_table.py): rows and notes whole."""
+    monkeypatch.setenv("COLUMNS", "500")
+
+
 CASES = """
     import ctypes
     import os
@@ -74,7 +81,7 @@ def test_measure_runs_module_level_function_in_child(vram_project) -> None:
     result = vram_project.record()
     result.assert_outcomes(passed=1)
     result.stdout.re_match_lines(
-        [r"^test_mem\.py::test_fine\s+test_mem\.fine\s+0\.000\s+1\.000\s+-\s+-\s+created$"]
+        [r"^test_mem\.py::test_fine\s+test_mem\.fine\s+host\s+0\.000\s+1\.000\s+-\s+-\s+created$"]
     )
     assert list(vram_project.entry("test_fine", "test_mem.fine")["step_peak_bytes"]) == [0]
     vram_project.run().assert_outcomes(passed=1)

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import GIB, LABEL, SMALL, output
 from pytest_vram.units import format_bytes, format_pair
+
+
+@pytest.fixture(autouse=True)
+def _whole_table_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vram table fits the terminal's width (test_summary_table.py): rows and notes whole."""
+    monkeypatch.setenv("COLUMNS", "500")
+
 
 ONE_TEST = f"""
     import pytest
@@ -17,8 +26,9 @@ ONE_TEST = f"""
 TAG = re.escape(f"[{LABEL}]")
 
 
-def gib3(nbytes: int) -> str:
-    return re.escape(f"{nbytes / GIB:.3f}")
+def mib3(nbytes: int) -> str:
+    """A size as the table prints it when all are below 1 GiB."""
+    return re.escape(f"{nbytes / 2**20:.3f}")
 
 
 def row(
@@ -34,6 +44,7 @@ def row(
     cells = [
         re.escape(f"test_mem.py::{test}"),
         re.escape(spec),
+        "host",
         peak,
         re.escape(budget),
         baseline,
@@ -51,7 +62,7 @@ def test_under_budget_passes_after_recording(vram_project) -> None:
     peak = vram_project.entry("test_a")["peak_bytes"]
     assert 0 < peak < 0.25 * GIB
     checked.stdout.re_match_lines(
-        [row("test_a", LABEL, "0.250", "+0.0%", "ok", peak=gib3(peak), baseline=gib3(peak))]
+        [row("test_a", LABEL, "256.000", "+0.0%", "ok", peak=mib3(peak), baseline=mib3(peak))]
     )
 
 
@@ -201,9 +212,9 @@ def test_terminal_table_lists_every_case(vram_project) -> None:
     result.stdout.re_match_lines(
         [
             r"^=+ vram =+$",
-            r"^test\s+spec\s+peak GiB\s+budget\s+baseline\s+delta\s+verdict$",
-            row("test_two_cases", LABEL, "0.250", "+25.0%", "FAIL drift-up"),
-            row("test_two_cases", lora, "0.250", "+0.0%", "ok"),
-            row("test_over", LABEL, "0.001", "+0.0%", "FAIL over-budget"),
+            r"^test\s+spec\s+meter\s+peak MiB\s+budget\s+baseline\s+delta\s+verdict$",
+            row("test_two_cases", LABEL, "256.000", "+25.0%", "FAIL drift-up"),
+            row("test_two_cases", lora, "256.000", "+0.0%", "ok"),
+            row("test_over", LABEL, "1.024", "+0.0%", "FAIL over-budget"),
         ]
     )

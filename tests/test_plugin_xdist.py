@@ -12,6 +12,13 @@ import pytest
 
 from conftest import SMALL, output
 
+
+@pytest.fixture(autouse=True)
+def _whole_table_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vram table fits the terminal's width (test_summary_table.py): rows and notes whole."""
+    monkeypatch.setenv("COLUMNS", "500")
+
+
 THREE = f"""
 import pytest
 

@@ -13,7 +13,7 @@ from pytest_vram.report import Summary, write_json
 from pytest_vram.result import GIB, Breakdown, MemoryResult
 from pytest_vram.verdict import Budget, judge
 
-HEADER = ["test", "spec", "peak GiB", "budget", "baseline", "delta", "verdict"]
+HEADER = ["test", "spec", "meter", "peak GiB", "budget", "baseline", "delta", "verdict"]
 
 
 def result(label: str, peak: int, notes: tuple[str, ...] = ()) -> MemoryResult:
@@ -61,10 +61,12 @@ def test_table_columns_and_verdicts() -> None:
     lines = list(Summary(rows=rows).lines())
     assert cells(lines[0]) == HEADER
     assert [cells(line) for line in lines[1:6]] == [
-        ["test_ok", "tiny-llama full adamw bf16 b1 s32", "1.000", "2.000", "1.000", "+0.0%", "ok"],
+        ["test_ok", "tiny-llama full adamw bf16 b1 s32", "host"]
+        + ["1.000", "2.000", "1.000", "+0.0%", "ok"],
         [
             "test_over[big]",
             "tiny-llama full adamw bf16 b1 s32",
+            "host",
             "3.000",
             "2.000",
             "3.000",
@@ -72,11 +74,11 @@ def test_table_columns_and_verdicts() -> None:
             "FAIL over-budget",
         ],
         # 1100 and 1000 bytes: as many decimals as tell them apart
-        ["test_up", "tiny-llama full adamw bf16 b1 s32", "0.0000010", "-", "0.0000009", "+10.0%"]
-        + ["FAIL drift-up"],
-        ["test_new", "tiny-llama full adamw bf16 b1 s32", "0.500", "-", "-", "-"]
+        ["test_up", "tiny-llama full adamw bf16 b1 s32", "host", "0.0000010", "-", "0.0000009"]
+        + ["+10.0%", "FAIL drift-up"],
+        ["test_new", "tiny-llama full adamw bf16 b1 s32", "host", "0.500", "-", "-", "-"]
         + ["FAIL no-baseline"],
-        ["test_down", "qwen2.5-7b lora adamw bf16 b1 s128", "0.0000008", "-", "0.0000009"]
+        ["test_down", "qwen2.5-7b lora adamw bf16 b1 s128", "host", "0.0000008", "-", "0.0000009"]
         + ["-10.0%", "drift-down"],
     ]
     # a drift down is not a failure, but its note is printed under the table
@@ -92,11 +94,18 @@ def test_numbers_that_differ_never_print_the_same() -> None:
         row("test_over", budget + 1, budget + 1, budget),
         row("test_up", budget + 1, budget),
         row("test_same", budget, budget, budget),
+        row("test_gib", GIB, GIB),  # a size of 1 GiB: the table is in GiB
     ]
-    over, up, same = (cells(line)[2:5] for line in list(Summary(rows=rows).lines())[1:4])
+    over, up, same = (cells(line)[3:6] for line in list(Summary(rows=rows).lines())[1:4])
     assert over == ["0.012000000", "0.011999999", "0.012000000"]
     assert up == ["0.012000000", "-", "0.011999999"]
     assert same == ["0.012", "0.012", "0.012"]  # equal numbers keep three decimals
+    # Below 1 GiB, the table is in MiB: 0.012 GiB is 12.288 MiB, a byte 0.000001 MiB
+    header, over, up, same = list(Summary(rows=rows[:3]).lines())
+    assert cells(header)[3] == "peak MiB"
+    assert cells(over)[3:6] == ["12.288000", "12.287999", "12.288000"]
+    assert cells(up)[3:6] == ["12.288000", "-", "12.287999"]
+    assert cells(same)[3:6] == ["12.288", "12.288", "12.288"]
 
 
 def test_text_columns_are_left_aligned_and_numbers_right_aligned() -> None:
@@ -158,7 +167,7 @@ def test_nothing_measured_prints_nothing() -> None:
 
 def test_a_baseline_of_zero_bytes_has_no_delta() -> None:
     (_, line) = Summary(rows=[row("test_zero", 10, 0)]).lines()
-    assert cells(line)[5] == "-"
+    assert cells(line)[6] == "-"
 
 
 def test_every_notes_line_names_its_test() -> None:

@@ -61,6 +61,9 @@ PYTEST_PROCESS_MODULES: Final = (
     "pytest_vram.model_configs",
     "pytest_vram.meters.limits",
     "pytest_vram.zero.user_config",
+    "pytest_vram.timeline",
+    "pytest_vram.html_report",
+    "pytest_vram.html_charts",
 )
 
 # An import edge: (importing module, imported module) -> where, as "path:line".

@@ -14,13 +14,15 @@ METERS = ("host", "cuda", "fake")
 
 
 def make_meter(name: str, **options: Any) -> Meter:
-    """``options`` configure the cuda meter (peak_source, snapshot_dir); others take none."""
-    if options and name != "cuda":
-        raise ValueError(f"the {name} meter takes no options; got {', '.join(sorted(options))}")
+    """``options``: ``snapshot_dir`` for every meter; ``peak_source`` for the cuda meter."""
+    if name != "cuda" and set(options) - {"snapshot_dir"}:
+        raise ValueError(
+            f"the {name} meter takes only snapshot_dir; got {', '.join(sorted(options))}"
+        )
     if name == "host":
         from pytest_vram.meters.host import HostMeter
 
-        return HostMeter()
+        return HostMeter(**options)
     if name == "cuda":
         from pytest_vram.meters.cuda import CudaMeter
 
@@ -28,5 +30,5 @@ def make_meter(name: str, **options: Any) -> Meter:
     if name == "fake":
         from pytest_vram.meters.fake import FakeMeter
 
-        return FakeMeter()
+        return FakeMeter(**options)
     raise ValueError(f"unknown meter {name!r}; known: {', '.join(METERS)}")

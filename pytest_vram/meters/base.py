@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol, runtime_checkable
 
 from pytest_vram.result import StepMeasure
+from pytest_vram.timeline import Timeline
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +69,14 @@ class Meter(Protocol):
         """Roles of tensors that may be freed before step_end (LOMO's gradients, DeepSpeed's
         gradient partitions): a meter that classifies its peak's storages counts them in that
         role. A meter that reads roles at step_end only ignores them."""
+        return None
+
+    def phase(self, name: str, step: int) -> None:
+        """The step enters phase ``name`` (``timeline.PHASES``) of training step ``step``."""
+        return None
+
+    def timeline(self) -> Timeline | None:
+        """Device bytes over the case, read after exit; None from a meter that keeps none."""
         return None
 
     def versions(self) -> Mapping[str, str]:

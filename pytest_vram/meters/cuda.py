@@ -5,7 +5,7 @@ allocator's cache) and NVML (the whole process as nvidia-smi shows it: reserved 
 context and libraries' workspaces). ``peak_source`` picks the one budgets check. The breakdown's
 model state (params, grads, optimizer) is read from the role tensors at the end of the step, and
 the rest of the chosen peak is activations and temporaries. With ``snapshot_dir`` the meter also
-writes a memory snapshot for https://pytorch.org/memory_viz.
+writes a memory snapshot for https://pytorch.org/memory_viz, and reads the case's timeline from it.
 
 NVML is optional: unless ``peak_source`` is ``"nvml"``, anything NVML fails at (starting, finding
 the device, a reading mid-case, the driver version) becomes one note in ``notes`` and the case
@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import uuid
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Final, final
@@ -25,6 +25,7 @@ from typing import Final, final
 import torch
 
 from pytest_vram.meters.base import DeviceIndexed, HostOffloadTagging, MemorySnapshots, Meter, Roles
+from pytest_vram.meters.memory_viz import snapshot_filename, timeline_of_snapshot, write_pickle
 from pytest_vram.meters.nvml import (
     NvmlSampler,
     driver_versions,
@@ -33,6 +34,7 @@ from pytest_vram.meters.nvml import (
     nvml_unavailable,
 )
 from pytest_vram.result import PEAK_SOURCES, Breakdown, StepMeasure
+from pytest_vram.timeline import Phase, Timeline
 
 __all__ = [
     "PEAK_SOURCES",
@@ -105,15 +107,6 @@ def storage_bytes(
     return total
 
 
-def snapshot_filename(label: str) -> str:
-    """A file name for a case's snapshot: the label made safe, plus a unique suffix.
-
-    ``tiny-llama lora adamw bf16 b1 s32`` -> ``tiny-llama-lora-adamw-bf16-b1-s32-1a2b3c4d.pickle``
-    """
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.")[:80].rstrip("-.") or "snapshot"
-    return f"{stem}-{uuid.uuid4().hex[:8]}.pickle"
-
-
 def cudnn_version_string(code: int) -> str:
     """torch.backends.cudnn.version(): 90100 -> ``9.1.0``, 8902 -> ``8.9.2``."""
     if code <= 0:
@@ -169,6 +162,8 @@ class CudaMeter(Meter, HostOffloadTagging, MemorySnapshots, DeviceIndexed):
         self._sampler: NvmlSampler | None = None
         self._stack: contextlib.ExitStack | None = None
         self._first_step = False  # set by entering: the next step_begin is the case's first
+        self._phases: list[Phase] = []  # with snapshot_dir: phases on the trace's clock
+        self._timeline: Timeline | None = None  # read from the snapshot at exit
 
     def use_device(self, index: int) -> None:
         self.device_index = index
@@ -251,6 +246,7 @@ class CudaMeter(Meter, HostOffloadTagging, MemorySnapshots, DeviceIndexed):
         torch.cuda.synchronize()  # creates this process's CUDA context, so NVML lists it
         torch.cuda.empty_cache()
         self.snapshot_path = None
+        self._phases, self._timeline = [], None
         self.notes = []
         self._first_step = True
         self.nvml_scope = "unavailable" if self.sample_nvml else "off"
@@ -318,10 +314,19 @@ class CudaMeter(Meter, HostOffloadTagging, MemorySnapshots, DeviceIndexed):
         try:
             os.makedirs(directory, exist_ok=True)
             path = os.path.join(directory, snapshot_filename(self.snapshot_label or ""))
-            torch.cuda.memory._dump_snapshot(path)  # type: ignore[no-untyped-call]
+            snapshot = torch.cuda.memory._snapshot()
+            write_pickle(snapshot, path)
             self.snapshot_path = path
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
+        self._timeline = timeline_of_snapshot(snapshot, self._phases, self.device_index)
+
+    def phase(self, name: str, step: int) -> None:
+        if self.snapshot_dir is not None:  # time_us is realtime in microseconds (c10::getTime)
+            self._phases.append(Phase(time.time_ns() // 1000, name, step))
+
+    def timeline(self) -> Timeline | None:  # once exited: requested bytes, from the snapshot
+        return self._timeline
 
     def step_begin(self) -> None:
         torch.cuda.synchronize()

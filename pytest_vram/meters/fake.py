@@ -27,6 +27,8 @@ reads tensor values at run time makes ``run_step`` raise ``Unsupported``.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import weakref
 from collections.abc import Callable
 from types import TracebackType
@@ -43,11 +45,13 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pytest_vram.allocator import AllocatorConfig, WindowPeaks, events_of, simulate
 from pytest_vram.errors import Unsupported
 from pytest_vram.meters import limits
-from pytest_vram.meters.base import FIXED_FINGERPRINTS, Meter, Roles
+from pytest_vram.meters.base import FIXED_FINGERPRINTS, MemorySnapshots, Meter, Roles
 from pytest_vram.meters.host import HostMeter, StorageLedger
 from pytest_vram.result import StepMeasure
+from pytest_vram.timeline import Timeline
 
 if TYPE_CHECKING:
     from pytest_vram.spec import StepSpec
@@ -112,7 +116,7 @@ def _forget(t: torch.Tensor) -> None:
 
 
 @final
-class FakeMeter(Meter):
+class FakeMeter(Meter, MemorySnapshots):
     """The host meter's counts for a step whose tensors hold no data."""
 
     name = "fake"
@@ -121,17 +125,35 @@ class FakeMeter(Meter):
     # The DeepSpeed engine does not run under FakeTensorMode.
     simulates_zero = True
 
-    def __init__(self) -> None:
-        self._host = HostMeter()
+    def __init__(self, snapshot_dir: str | None = None) -> None:
+        self._host = HostMeter(snapshot_dir)
         # Libraries keep module-level real tensors (bitsandbytes' quantization map): fake mode
         # converts them when they are used, and the ledger counts them as the host meter does.
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self._ramps = _Ramps()
         self._restore: list[Callable[[], None]] = []
+        self._step_start = 0  # index of the current step's first event
 
     @property
     def ledger(self) -> StorageLedger:
         return self._host.ledger
+
+    # The host meter under it writes the snapshot, of the fake tensors' storages.
+    @property
+    def snapshot_label(self) -> str | None:
+        return self._host.snapshot_label
+
+    @snapshot_label.setter
+    def snapshot_label(self, label: str | None) -> None:
+        self._host.snapshot_label = label
+
+    @property
+    def snapshot_path(self) -> str | None:
+        return self._host.snapshot_path
+
+    @snapshot_path.setter
+    def snapshot_path(self, path: str | None) -> None:
+        self._host.snapshot_path = path
 
     def fingerprint(self) -> str:
         return self.FINGERPRINT
@@ -181,12 +203,40 @@ class FakeMeter(Meter):
 
     def step_begin(self) -> None:
         self._host.step_begin()
+        self._step_start = len(self.ledger.events)
+
+    def _predicted(self) -> WindowPeaks:
+        """What the CUDA caching allocator would report for this step (peaks reset at its
+        start, as the cuda meter resets them), replaying every event so far: the segments
+        cached before the step are still held in it. ``PYTORCH_CUDA_ALLOC_CONF`` is read as
+        torch reads it; a value torch would refuse fails the case with torch's reason."""
+        config = AllocatorConfig.from_env(os.environ)
+        log = self.ledger.events
+        prediction = simulate(events_of(log), config, windows=[self._step_start])
+        return prediction.windows[-1]
 
     def note(self, roles: Roles) -> None:
         self._host.note(roles)
 
+    def phase(self, name: str, step: int) -> None:
+        self._host.phase(name, step)
+
+    def timeline(self) -> Timeline:
+        return self._host.timeline()
+
     def step_end(self, roles: Roles) -> StepMeasure:
-        return self._host.step_end(roles)
+        measure = self._host.step_end(roles)
+        predicted = self._predicted()
+        return dataclasses.replace(
+            measure,
+            allocated_bytes=predicted.max_allocated_bytes,
+            reserved_bytes=predicted.max_reserved_bytes,
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The allocator settings the reserved prediction followed, when any are set."""
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        return {"PYTORCH_CUDA_ALLOC_CONF": conf} if conf else {}
 
 
 _swap_original = torch.utils.swap_tensors

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, final
@@ -17,8 +18,17 @@ from typing import Any, Final, final
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_vram.meters.base import FIXED_FINGERPRINTS, HostOffloadTagging, Meter, Roles
+from pytest_vram.meters.base import (
+    FIXED_FINGERPRINTS,
+    HostOffloadTagging,
+    MemorySnapshots,
+    Meter,
+    Roles,
+)
+from pytest_vram.meters.events import ALLOC, FREE, EventLog
+from pytest_vram.meters.memory_viz import snapshot_filename, write_snapshot
 from pytest_vram.result import Breakdown, StepMeasure
+from pytest_vram.timeline import Timeline
 
 __all__ = ["HostMeter", "StorageLedger"]
 
@@ -27,7 +37,8 @@ __all__ = ["HostMeter", "StorageLedger"]
 class StorageLedger:
     """Live storages, their bytes, and the live set at the peak of the current window."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: EventLog | None = None) -> None:
+        self.events = events if events is not None else EventLog()
         # Keyed by the StorageImpl address (``_cdata``), unique while the storage lives; torch
         # keeps one Python object per live storage, whose weakref callback fires when it dies.
         self._sid_of: dict[int, int] = {}
@@ -85,10 +96,17 @@ class StorageLedger:
             return
         old = self._live[sid]
         new = st.nbytes()
+        if new == old:
+            return
         if new < old:
             self._snapshot_if_pending()
+        # Logged as the old size freed, then the new allocated; the ledger holds a storage at
+        # one size at a time (torch allocates the new block first: allocator.events_of replays
+        # it so).
+        self.events.add(FREE, sid, old, self.live_bytes - old)
         self.live_bytes += new - old
         self._live[sid] = new
+        self.events.add(ALLOC, sid, new, self.live_bytes)
         self._note_peak()
 
     def _freed_callback(self, sid: int, key: int) -> Callable[[Any], None]:
@@ -98,7 +116,9 @@ class StorageLedger:
                     self.host_bytes -= self._host.pop(sid)
                 else:
                     self._snapshot_if_pending()
-                    self.live_bytes -= self._live.pop(sid)
+                    nbytes = self._live.pop(sid)
+                    self.live_bytes -= nbytes
+                    self.events.add(FREE, sid, nbytes, self.live_bytes)
                 del self._refs[sid]
                 if self._sid_of.get(key) == sid:
                     del self._sid_of[key]
@@ -113,6 +133,7 @@ class StorageLedger:
         self._snapshot_if_pending()
         nbytes = self._live.pop(sid)
         self.live_bytes -= nbytes
+        self.events.add(FREE, sid, nbytes, self.live_bytes)
         self._add_host(sid, nbytes)
 
     def _add_host(self, sid: int, nbytes: int) -> None:
@@ -126,6 +147,7 @@ class StorageLedger:
             return
         self._live[sid] = nbytes
         self.live_bytes += nbytes
+        self.events.add(ALLOC, sid, nbytes, self.live_bytes)
         self._note_peak()
 
     def _note_peak(self) -> None:
@@ -188,6 +210,7 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         ledger = self.ledger
+        ledger.events.ops += 1
         if func is _LIFT_FRESH:
             # torch.tensor(data): the data is the tensor, or under FakeTensorMode its fake copy,
             # and only that copy counts.
@@ -218,15 +241,19 @@ def _walk(obj: Any, track: Callable[[torch.Tensor], object]) -> None:
 
 
 @final
-class HostMeter(Meter, HostOffloadTagging):
+class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
     """Exact live tensor bytes on the CPU; deterministic for a given spec and seed."""
 
     name = "host"
     device = "cpu"
     FINGERPRINT: Final = FIXED_FINGERPRINTS["host"]  # every CPU counts the same bytes
 
-    def __init__(self) -> None:
-        self.ledger = StorageLedger()
+    def __init__(self, snapshot_dir: str | None = None) -> None:
+        self.snapshot_dir = snapshot_dir
+        self.snapshot_label: str | None = None  # names the snapshot file; set before entering
+        self.snapshot_path: str | None = None  # the snapshot written by the last exit
+        # A snapshot shows who allocated each block: the stacks are recorded only for one.
+        self.ledger = StorageLedger(EventLog(frames=snapshot_dir is not None))
         self._mode = _Watch(self.ledger)
         self._orig_resize: Callable[..., Any] | None = None
         self._noted: dict[str, set[int]] = {}
@@ -238,6 +265,7 @@ class HostMeter(Meter, HostOffloadTagging):
         # Storage.resize_ does not go through dispatch (torch's MemTracker patches it the same way).
         orig = self._orig_resize = torch.UntypedStorage.resize_
         ledger = self.ledger
+        self.snapshot_path = None
 
         def resize_(st: torch.UntypedStorage, size: int) -> Any:
             out = orig(st, size)
@@ -253,6 +281,12 @@ class HostMeter(Meter, HostOffloadTagging):
         if self._orig_resize is not None:
             torch.UntypedStorage.resize_ = self._orig_resize  # type: ignore[method-assign]
         self.ledger.closed = True
+        # A case that raised returns no result to carry the snapshot's path: none is written.
+        if self.snapshot_dir is not None and not any(isinstance(e, BaseException) for e in exc):
+            os.makedirs(self.snapshot_dir, exist_ok=True)
+            path = os.path.join(self.snapshot_dir, snapshot_filename(self.snapshot_label or ""))
+            write_snapshot(self.ledger.events, path)
+            self.snapshot_path = path
 
     def step_begin(self) -> None:
         self.ledger.reset_peak()
@@ -277,6 +311,12 @@ class HostMeter(Meter, HostOffloadTagging):
             yield
         finally:
             self.ledger.host_scope = False
+
+    def phase(self, name: str, step: int) -> None:
+        self.ledger.events.phase(name, step)
+
+    def timeline(self) -> Timeline:
+        return self.ledger.events.timeline()
 
     def step_end(self, roles: Roles) -> StepMeasure:
         peak_live = self.ledger.peak_live()

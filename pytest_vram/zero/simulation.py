@@ -170,6 +170,9 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
         breakdown=breakdown,
         host_offload_bytes=host,
         notes=(*traced.notes, note),
+        # The allocator's prediction replayed the unsharded trace, not this layout.
+        allocated_bytes=None,
+        reserved_bytes=None,
     )
     return dataclasses.replace(
         rank, ranks=tuple(rank for _ in range(spec.ranks)), host_offload_bytes=host * spec.ranks
