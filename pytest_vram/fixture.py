@@ -5,11 +5,13 @@ It runs in the pytest process (torch-free); the session object judges what it ke
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Final, final
 
 import pytest
 
 from pytest_vram import gpus, invariants
+from pytest_vram.calibration import Prediction
 from pytest_vram.errors import SpecError
 from pytest_vram.marker import (
     MarkerArgs,
@@ -18,6 +20,7 @@ from pytest_vram.marker import (
     check_ranks,
     check_step_names,
 )
+from pytest_vram.meters import unsupported
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
 from pytest_vram.worker import CaseFailure, Job
@@ -116,6 +119,24 @@ class Recorder:
 
         return self._session.settings.imports + extension_modules()
 
+    def _predict(self, spec: StepSpec, imports: tuple[str, ...]) -> Prediction:
+        """The case traced on the fake meter, in a child of its own (reused by a fake case of
+        the same spec). What the fake meter cannot trace is a prediction with its reason."""
+        key = ("fake", spec.to_json(), imports)
+        cache = self._session.measured
+        traced: MemoryResult | CaseFailure | None = cache.get(key)
+        if traced is None:
+            why = unsupported("fake", spec)
+            if why:
+                return Prediction(unsupported=why)
+            job = Job("fake", spec=spec, imports=imports)
+            traced = self._session.worker.run(job, self._session.settings.timeout_s)
+            if isinstance(traced, MemoryResult):
+                cache[key] = traced
+        if isinstance(traced, CaseFailure):
+            return Prediction(unsupported=traced.reason)
+        return Prediction(traced.peak_bytes, traced.allocated_bytes, traced.reserved_bytes)
+
     def _run(self, job: Job, capacity_bytes: int | None) -> MemoryResult:
         __tracebackhide__ = True
         # A spec measured once in a session is not measured again (invariant tests share
@@ -126,6 +147,8 @@ class Recorder:
         if out is None:
             out = self._session.worker.run(job, self._session.settings.timeout_s)
             if key and isinstance(out, MemoryResult):
+                if self._session.settings.predicts and job.spec is not None and job.meter != "fake":
+                    out = dataclasses.replace(out, prediction=self._predict(job.spec, job.imports))
                 cache[key] = out
         if isinstance(out, CaseFailure):
             if out.kind == "unsupported":  # e.g. a library that calls CUDA, on the host meter

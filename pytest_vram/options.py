@@ -8,6 +8,7 @@ is a usage error that names the option and the value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +23,11 @@ from pytest_vram.units import parse_fraction
 __all__ = ["Settings", "add_options", "resolve"]
 
 
-def _tolerance(text: str) -> float:
+def _tolerance(text: str, flag: str = "--vram-tolerance") -> float:
     """A fraction (0.05) or a percentage ("5%"); a fraction above 1 is refused, so that
     ``--vram-tolerance 5`` is never silently 500%."""
     try:
-        return parse_fraction("--vram-tolerance", text)
+        return parse_fraction(flag, text)
     except SpecError as exc:
         # A ValueError from a type= callable would become argparse's "invalid value" text.
         raise pytest.UsageError(str(exc)) from None
@@ -210,6 +211,14 @@ OPTIONS: Final = (
         "failed",
     ),
     _Option(
+        "--vram-calibrate",
+        "also trace every case on the fake meter and fail a case whose prediction is off "
+        "the measured number by more than this: a fraction, e.g. 0.1, or a percentage, e.g. "
+        "10% (with --gpu the prediction is traced and shown anyway)",
+        functools.partial(_tolerance, flag="--vram-calibrate"),
+        None,
+    ),
+    _Option(
         "--vram-import",
         "modules each case's worker child imports before the step, comma-separated: "
         "patches of the training stack, method registrations",
@@ -250,6 +259,12 @@ class Settings:
     benchmark_json_path: Path | None = None
     html_path: Path | None = None
     snapshots: str = "failed"  # SNAPSHOT_MODES
+    calibrate: float | None = None
+
+    @property
+    def predicts(self) -> bool:
+        """Cases are also traced on the fake meter, their prediction kept beside them."""
+        return self.gpu or self.calibrate is not None
 
     @property
     def snapshots_dir(self) -> Path:
@@ -300,6 +315,7 @@ def resolve(config: pytest.Config) -> Settings:
         ),
         html_path=_rooted(config, values["vram_html"]) if values["vram_html"] else None,
         snapshots=values["vram_snapshots"],
+        calibrate=values["vram_calibrate"],
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, final
 
+from pytest_vram import calibration
 from pytest_vram.units import column_unit, format_in
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Summary:
         if self.rows:
             yield from _table(self.rows, width)
         yield from _notes(self.rows, width)
+        yield from calibration.summary_lines(calibration.row_cases(self.rows))
         if self.update:
             yield f"vram baselines: {self.count_line()}"
         if self.unused:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, final
 
+from pytest_vram.calibration import Prediction
 from pytest_vram.errors import SpecError
 from pytest_vram.spec import StepSpec
 from pytest_vram.timeline import Timeline
@@ -95,6 +96,8 @@ class MemoryResult:
     notes: tuple[str, ...] = ()  # how the libraries behaved, e.g. "paging fell back on CPU"
     # Device bytes over the steps (for the HTML report); not kept in baselines.
     timeline: Timeline | None = None
+    # The fake meter's prediction of this case (with --gpu or --vram-calibrate).
+    prediction: Prediction | None = None
 
     @property
     def peak_gib(self) -> float:
@@ -110,6 +113,11 @@ class MemoryResult:
         data["notes"] = list(self.notes)
         data["ranks"] = [r.to_dict() for r in self.ranks]
         data["timeline"] = self.timeline.to_dict() if self.timeline else None
+        # Absent, not null, when there is none: baseline entries from before it stay unchanged.
+        if self.prediction is None:
+            del data["prediction"]
+        else:
+            data["prediction"] = self.prediction.to_dict()
         data["schema"] = SCHEMA
         return data
 
@@ -221,6 +229,12 @@ def _from_dict(data: Mapping[str, Any], where: str) -> MemoryResult:
         except ValueError as exc:
             raise ValueError(f"{where}{exc}") from None
     snapshot = data.get("snapshot_path")
+    prediction = data.get("prediction")
+    if prediction is not None:
+        try:
+            prediction = Prediction.from_dict(prediction)
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
     dtypes = _object(f"{where}param_dtype_bytes", data.get("param_dtype_bytes", {}))
     counts: dict[str, Any] = {k: _count(f"{where}{k}", data[k]) for k in _COUNTS if k in data}
     for k in _OPTIONAL_COUNTS:
@@ -255,5 +269,6 @@ def _from_dict(data: Mapping[str, Any], where: str) -> MemoryResult:
             for i, r in enumerate(_items(f"{where}ranks", data.get("ranks", ())))
         ),
         timeline=timeline,
+        prediction=prediction,
         **counts,
     )

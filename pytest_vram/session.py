@@ -239,6 +239,7 @@ class VramSession:
                 record_hint=hint,
                 capacity_bytes=capacities[index] if index < len(capacities) else None,
                 stored=stored,
+                calibrate=self.settings.calibrate,
             )
             verdicts.append(verdict)
             if self.settings.update:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final, Literal, final
 
-from pytest_vram import explain
+from pytest_vram import calibration, explain
 from pytest_vram.result import GIB, MemoryResult, gib
 from pytest_vram.units import format_bytes, format_pair
 
@@ -21,6 +21,7 @@ Status = Literal[
     "drift-down",
     "no-baseline",
     "recorded",
+    "prediction-off",
 ]
 BaselineAction = Literal["created", "updated", "unchanged"]
 _VERSION_KEYS: Final = ("python", "torch", "transformers", "peft", "pytest-vram")
@@ -76,6 +77,11 @@ class CaseVerdict:
             nbytes = getattr(r, f"{name}_bytes")
             if nbytes is not None:
                 lines.append(f"  {predicted}{name}: {gib(nbytes):.4f} GiB")
+        error = calibration.error_of(r.prediction, r.peak_source, r.peak_bytes)
+        if error is not None:
+            lines.append(f"  prediction: {error.line()}")
+        elif r.prediction is not None and r.prediction.unsupported:
+            lines.append(f"  prediction: none, {r.prediction.unsupported}")
         for rank, rr in enumerate(r.ranks):
             lines.append(
                 f"  rank {rank}: peak {gib(rr.peak_bytes):.4f} GiB, "
@@ -135,9 +141,11 @@ def judge(
     record_hint: str,
     capacity_bytes: int | None = None,
     stored: Mapping[str, int] | None = None,
+    calibrate: float | None = None,
 ) -> CaseVerdict:
     """``stored``: the peaks of the test's other baseline entries, by label, shown when this
-    case has none (a changed case reads as "no baseline" otherwise)."""
+    case has none (a changed case reads as "no baseline" otherwise). ``calibrate``: the largest
+    prediction error allowed (``--vram-calibrate``)."""
     statuses: list[Status] = []
     reasons: list[str] = []
     notes: list[str] = []
@@ -164,6 +172,10 @@ def judge(
         reasons.append(f"{leak} {tag}")
     if statuses:  # over capacity or budget, or a leak: what the peak holds
         details.extend(explain.made_of(result))
+    error = calibration.error_of(result.prediction, result.peak_source, peak)
+    if calibrate is not None and error is not None and abs(error.fraction) > calibrate:
+        statuses.append("prediction-off")
+        reasons.append(f"{error.line()}, beyond --vram-calibrate {calibrate:.1%} {tag}")
     action: BaselineAction | None = None
     if update:
         statuses.append("recorded")
