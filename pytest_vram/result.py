@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any, Final, final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, TypeVar, final
 
 from pytest_vram.calibration import Prediction
 from pytest_vram.errors import SpecError
@@ -18,6 +18,7 @@ from pytest_vram.timeline import Timeline
 
 __all__ = ["GIB", "PEAK_SOURCES", "SCHEMA", "Breakdown", "MemoryResult", "StepMeasure", "gib"]
 
+T = TypeVar("T")
 GIB: Final = 2**30
 # What the GPU meter's peak_bytes can count: torch's tensors, its caching allocator, or NVML's
 # view of the process (what nvidia-smi shows).
@@ -190,6 +191,16 @@ def _text_map(key: str, value: object) -> dict[str, str]:
     return {k: _text(f"{key}[{k!r}]", v) for k, v in _object(key, value).items()}
 
 
+def _part(where: str, value: object, read: Callable[[Any], T]) -> T | None:
+    """An optional part read by its own ``from_dict``, its error prefixed with ``where``."""
+    if value is None:
+        return None
+    try:
+        return read(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc}") from None
+
+
 def _from_dict(data: Mapping[str, Any], where: str) -> MemoryResult:
     """``where``: the key path of a rank's result (``ranks[1].``), for the messages."""
     if not isinstance(data, Mapping):
@@ -222,19 +233,9 @@ def _from_dict(data: Mapping[str, Any], where: str) -> MemoryResult:
     if source not in ("storage", *PEAK_SOURCES):
         raise _bad(f"{where}peak_source", source, ", ".join(("storage", *PEAK_SOURCES)))
     zero = data.get("zero_config")
-    timeline = data.get("timeline")
-    if timeline is not None:
-        try:
-            timeline = Timeline.from_dict(timeline)
-        except ValueError as exc:
-            raise ValueError(f"{where}{exc}") from None
+    timeline = _part(where, data.get("timeline"), Timeline.from_dict)
     snapshot = data.get("snapshot_path")
-    prediction = data.get("prediction")
-    if prediction is not None:
-        try:
-            prediction = Prediction.from_dict(prediction)
-        except ValueError as exc:
-            raise ValueError(f"{where}{exc}") from None
+    prediction = _part(where, data.get("prediction"), Prediction.from_dict)
     dtypes = _object(f"{where}param_dtype_bytes", data.get("param_dtype_bytes", {}))
     counts: dict[str, Any] = {k: _count(f"{where}{k}", data[k]) for k in _COUNTS if k in data}
     for k in _OPTIONAL_COUNTS:
