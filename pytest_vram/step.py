@@ -296,6 +296,7 @@ def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) ->
             from pytest_vram.zero import engine
 
             planned = engine.engine_config(simulation_of, model)
+            engine.cast_as_engine(model, planned)
         if spec.zero is None:
             trainer = _OptimizerTrainer(
                 model,

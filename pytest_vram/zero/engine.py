@@ -18,7 +18,9 @@ from pytest_vram.zero import user_config
 from pytest_vram.zero.accounting import EngineAccounting, pinned_as_host
 from pytest_vram.zero.config import ds_config
 
-__all__ = ["ZeroTrainer", "engine_config"]
+__all__ = ["ZeroTrainer", "cast_as_engine", "engine_config"]
+
+_CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def engine_config(spec: StepSpec, model: torch.nn.Module) -> dict[str, Any]:
@@ -33,6 +35,23 @@ def engine_config(spec: StepSpec, model: torch.nn.Module) -> dict[str, Any]:
             config.setdefault("zero_force_ds_cpu_optimizer", False)
         return config
     return ds_config(spec, max(p.numel() for p in model.parameters()))
+
+
+def cast_as_engine(model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """Cast the parameters as ``deepspeed.initialize`` does under fp16 or bf16
+    (``DeepSpeedEngine._cast_module_mixed_precision``): every floating parameter to the
+    training dtype, peft's fp32 adapters included; buffers and bitsandbytes' packed weights
+    stay. The fake meter's simulation traces the step so, since its activations follow the
+    adapters' dtype (an fp32 adapter keeps an fp32 copy of its input)."""
+    if config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif config.get("fp16", {}).get("enabled"):
+        dtype = torch.float16
+    else:
+        return
+    for p in model.parameters():
+        if p.dtype in _CASTABLE and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 class ZeroTrainer:

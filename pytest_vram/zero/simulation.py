@@ -19,25 +19,25 @@ parameters to the run's precision and keeps bitsandbytes' packed 4-bit weights a
 Offloading the optimizer moves its state and the fp32 gradient partition to host memory;
 offloading parameters (ZeRO-3) moves their partitions too.
 
-Activations come from a trace in which each gradient is dropped as it arrives, so its peak is
-the forward and backward's (every rank runs the whole model on its own micro-batch), not an
-unsharded optimizer step's. The step's own peak is the model state plus AdamW's two
-temporaries on the rank's fp32 partition (ZeRO-3: per sub-group); a rank's peak is the larger
-of the two. ``tests/test_zero_simulation.py`` compares the peaks with the real engine's.
+Activations come from a trace in which each gradient is dropped as it arrives (every rank runs
+the whole model on its own micro-batch). A rank's peak is the larger of two moments, each with
+what DeepSpeed holds then (``sim_terms`` derives each buffer from DeepSpeed's code):
 
-Not simulated, and said so in the result's notes:
+* the forward and backward: the traced peak (at the loss), or the first gradient reduction
+  just after it, with the reduction bucket (``reduce_bucket_size``, doubled by
+  ``overlap_comm``), under optimizer offload the device staging buffer of the largest
+  parameter and the fp64 norm of the rank's slice of the output projection's gradient; ZeRO-1
+  also holds every gradient until its reductions after backward; ZeRO-3 holds its reduction
+  bucket, its gradient partitions and the gathered output projection plus the prefetch bucket.
+* the optimizer step: the fp32 gradient partition and AdamW's temporaries on it, on the host
+  under optimizer offload (with the pinned staging buffers DeepSpeed offloads through).
 
-* ZeRO-3's gathered layers (``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``)
-  and ZeRO-1/2's reduction buckets. On the real engine an LLM's peak is at the loss, where no
-  layer is gathered. ZeRO-3's reduction bucket is counted (``reduction_bucket_bytes``), sized
-  by the config the engine would run with (the user's ``deepspeed=`` JSON, "auto" filled in).
-* ``stage3_param_persistence_threshold``: parameters under it stay whole on every rank; the
-  simulation partitions them all.
-* The device-side staging of what offload moves to the host: with offload the simulated peak
-  is under the engine's (by 15% and 26% on tiny-llama's offloaded cases).
-* DeepSpeed's cast of peft's fp32 upcasts back to bf16: the trace is of the model as the method
-  builds it, and its activations err high (QLoRA under ZeRO-2: 37% above the engine on
-  tiny-llama).
+``tests/test_zero_simulation.py`` checks the peaks and host bytes against the real engine.
+Not simulated, and said so in the result's notes: ``stage3_param_persistence_threshold``
+(parameters under it stay whole on every rank), ZeRO-3's gathering inside the layers beyond
+the prefetch bucket (the peak of an LLM is at the loss), and ZeRO-0's per-parameter step on
+CPU. DeepSpeed casts peft's fp32 adapters to bf16 while the trace keeps them in fp32: LoRA's
+traced activations are high by the upcast inputs (tiny-llama: +19% to +28%).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pytest_vram import methods
 from pytest_vram.methods import ZeroState
 from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.spec import StepSpec
+from pytest_vram.zero import sim_terms as terms
 
 __all__ = ["plain", "reduction_bucket_bytes", "simulate"]
 
@@ -73,8 +74,7 @@ def reduction_bucket_bytes(spec: StepSpec, config: Mapping[str, Any] | None) -> 
     ``contiguous_gradients`` (the default) ``DeepSpeedZeroOptimizer_Stage3.__init__`` allocates
     ``reduce_bucket_size`` elements of the gradients' dtype (deepspeed/runtime/zero/stage3.py,
     "IPG"). Left out, the size is DeepSpeed's default, 5e8 elements: 1 GB in bf16 per rank,
-    whatever the model. ZeRO-1/2 fill their buckets inside backward and did not move the peak
-    of the real engine (tiny-llama, 2**19 against 2**22 elements), so they are not counted."""
+    whatever the model. ZeRO-1/2 allocate theirs at the first gradient instead (``_ipg_bytes``)."""
     if spec.zero != 3:
         return 0
     zero: Mapping[str, Any] = (config or {}).get("zero_optimization", {})
@@ -97,7 +97,22 @@ def model_bytes(traced: MemoryResult, w: int) -> int:
     return total
 
 
-def _rank(spec: StepSpec, state: ZeroState, traced: MemoryResult) -> tuple[Breakdown, int]:
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """One rank's simulated bytes: the breakdown at its peak, and what it holds on the host."""
+
+    breakdown: Breakdown
+    host: int
+
+
+def _larger(*candidates: Breakdown) -> Breakdown:
+    """The peak is the moment holding most: the forward and backward's, or the step's."""
+    return max(candidates, key=lambda b: b.total_bytes)
+
+
+def _rank(
+    spec: StepSpec, state: ZeroState, traced: MemoryResult, rank: int, shape: terms.Shape
+) -> _Layout:
     """One rank's breakdown and the bytes it offloads to host memory."""
     assert spec.zero is not None
     n, w = spec.ranks, _WEIGHT_BYTES[spec.precision]
@@ -105,40 +120,146 @@ def _rank(spec: StepSpec, state: ZeroState, traced: MemoryResult) -> tuple[Break
     mixed = w < _FP32
     moments = state.moment_bytes_per_param * psi
     weights = model_bytes(traced, w)
+    buffers = traced.breakdown.buffer_bytes
+    act = traced.breakdown.activation_bytes
+    offload_opt = spec.zero > 0 and spec.offload in ("optimizer", "both")
+    offload_param = spec.zero == 3 and spec.offload in ("param", "both")
     if spec.zero == 0:
-        params = weights
-        grads = w * psi + (_FP32 * psi if mixed else 0)
-        optimizer = moments + (_FP32 * psi if mixed else 0)
-    else:
-        params = weights // n if spec.zero == 3 else weights
-        fp32_grads = _FP32 * psi // n
-        grads = fp32_grads + (w * psi // n if spec.zero == 3 else 0)
-        optimizer = (moments + _FP32 * psi) // n
+        # FP16_UnfusedOptimizer (bf16 without ZeRO): every gradient in the model's dtype and
+        # an fp32 copy, fp32 masters and moments, whole on every rank.
+        return _Layout(
+            Breakdown(
+                param_bytes=weights,
+                buffer_bytes=buffers,
+                grad_bytes=w * psi + (_FP32 * psi if mixed else 0),
+                optimizer_bytes=moments + (_FP32 * psi if mixed else 0),
+                activation_bytes=act,
+            ),
+            0,
+        )
+    knobs = terms.ZeroKnobs.of(spec.zero, traced.zero_config)
+    partition = psi // n
+    # The fp32 master partition and the moments: the client optimizer's state.
+    optimizer = (moments + _FP32 * psi) // n
+    fp32_grads = _FP32 * partition  # made for the step (single_partition_of_fp32_groups.grad)
     host = 0
-    if spec.offload in ("optimizer", "both"):
-        host += optimizer + _FP32 * psi // n
-        grads, optimizer = 0, 0
-    if spec.offload in ("param", "both"):
+    if offload_opt:
+        # The step runs on the host, its temporaries too; the fp32 gradient partition lives
+        # there (initialize_optimizer_states / stage3 initialize_optimizer_states, pinned).
+        host += optimizer + fp32_grads + _step_bytes(spec, state, psi)
+        optimizer = 0
+    # AdamW's temporaries on the fp32 partition, on the device when the step is.
+    step_temps = 0 if offload_opt else _step_bytes(spec, state, psi)
+    a1 = max(0, act - terms.loss_bytes(spec, shape))
+    if spec.zero in (1, 2):
+        ipg = _ipg_bytes(knobs, w)
+        persist = 0
+        # ZeRO-2 (and ZeRO-1 with overlap_comm) reduce inside backward, from the first
+        # gradient on (process_gradients -> reduce_ready_partitions_and_remove_grads).
+        reduces_in_backward = spec.zero == 2 or knobs.overlap_comm
+        first = ipg if reduces_in_backward else 0
+        if offload_opt:
+            # DeepSpeedZeroOptimizer.__init__ (cpu_offload): temp_grad_buffer_for_gpu_offload,
+            # the largest parameter's elements in the model's dtype, on the device from the
+            # start; its twin temp_grad_buffer_for_cpu_offload and the bf16 partition the
+            # updated weights come back through (param_buffer_of_bit16_for_cpu_offload_groups)
+            # are pinned host memory.
+            persist = w * shape.largest_trainable
+            host += w * shape.largest_trainable + w * partition
+            # The first reduction (reduce_ipg_grads -> copy_grads_in_partition) takes each
+            # reduced gradient's norm in fp64 on the device, the output projection's first,
+            # while the activations of every layer are still held.
+            if reduces_in_backward:
+                first += terms.norm_temporary(terms.first_reduction_slice(rank, n, psi, shape))
+        backward = Breakdown(
+            param_bytes=weights,
+            buffer_bytes=buffers,
+            optimizer_bytes=optimizer,
+            activation_bytes=persist + max(act, a1 + first),
+        )
+        candidates = [backward]
+        if spec.zero == 1 and not knobs.overlap_comm:
+            # ZeRO-1 reduces nothing inside backward (process_gradients reduces only with
+            # partition_gradients or overlap_comm): every gradient is held in the model's dtype
+            # until reduce_gradients, which reduces them bucket by bucket, the first flat
+            # parameter (the embedding, rank 0's) with its fp64 norm under offload. The host
+            # meter sees these gradients as temporaries (no role holds them), and so do we.
+            held = w * psi + persist
+            if offload_opt:
+                held += terms.norm_temporary(terms.first_flat_slice(rank, n, psi, shape))
+            candidates.append(
+                Breakdown(
+                    param_bytes=weights,
+                    buffer_bytes=buffers,
+                    optimizer_bytes=optimizer,
+                    activation_bytes=max(held, ipg + persist),
+                )
+            )
+        step = Breakdown(
+            param_bytes=weights,
+            buffer_bytes=buffers,
+            grad_bytes=0 if offload_opt else fp32_grads,
+            optimizer_bytes=optimizer,
+            activation_bytes=persist + step_temps,
+        )
+        return _Layout(_larger(*candidates, step), host)
+    # ZeRO-3.
+    params = weights // n
+    if offload_param:
         host += params
         params = 0
-    breakdown = Breakdown(
+    # grad_partitions_flat_buffer (stage3 _setup_for_real_optimizer): the rank's gradient
+    # partitions in the gradients' dtype, where the optimizer is (pinned host if offloaded).
+    grad_flat = w * partition
+    if offload_opt:
+        host += grad_flat
+        grad_flat = 0
+    ipg = reduction_bucket_bytes(spec, traced.zero_config)
+    gathered = _gathered_at_loss(knobs, shape, w, weights)
+    backward = Breakdown(
         param_bytes=params,
-        buffer_bytes=traced.breakdown.buffer_bytes,
-        grad_bytes=grads,
+        buffer_bytes=buffers,
+        grad_bytes=grad_flat,
         optimizer_bytes=optimizer,
-        # The peak is the forward and backward's or the step's, whichever holds more; ZeRO-3's
-        # reduction bucket is there for both.
-        activation_bytes=max(traced.breakdown.activation_bytes, _step_bytes(spec, state, psi))
-        + reduction_bucket_bytes(spec, traced.zero_config),
+        activation_bytes=ipg + act + gathered,
     )
-    return breakdown, host
+    step = Breakdown(
+        param_bytes=params,
+        buffer_bytes=buffers,
+        grad_bytes=grad_flat + (0 if offload_opt else fp32_grads),
+        optimizer_bytes=optimizer,
+        activation_bytes=ipg + step_temps,
+    )
+    return _Layout(_larger(backward, step), host)
+
+
+def _ipg_bytes(knobs: terms.ZeroKnobs, w: int) -> int:
+    """ZeRO-1/2's reduction bucket: ``setup_buckets`` allocates ``reduce_bucket_size``
+    elements of the gradients' dtype at the first gradient of a backward (two with
+    ``overlap_comm``), kept until the step (``_release_ipg_buffers``)."""
+    if not knobs.contiguous_gradients:
+        return 0
+    return knobs.reduce_bucket_size * w * (2 if knobs.overlap_comm else 1)
+
+
+def _gathered_at_loss(knobs: terms.ZeroKnobs, shape: terms.Shape, w: int, weights: int) -> int:
+    """ZeRO-3's gathered parameters at the loss: the output projection, used last in the
+    forward and first in the backward, stays gathered (PartitionedParameterCoordinator
+    releases only parameters not reused within ``stage3_max_reuse_distance``), and the
+    backward's first modules are prefetched up to ``stage3_prefetch_bucket_size`` elements
+    (``fetch_sub_module``), all within ``stage3_max_live_parameters``. Parameters under
+    ``stage3_param_persistence_threshold`` are never partitioned (not simulated)."""
+    output = shape.output_numel if shape.output_numel > knobs.persistence_threshold else 0
+    if not shape.vocab:
+        return 0
+    elements = min(output + knobs.prefetch_bucket_size, max(output, knobs.max_live_parameters))
+    return min(w * elements, weights)
 
 
 def _step_bytes(spec: StepSpec, state: ZeroState, psi: int) -> int:
-    """Temporaries of the inner optimizer's step on this rank's fp32 partition (on the device
-    unless the optimizer is offloaded; ZeRO-0 is not partitioned and measured below this)."""
-    if spec.zero == 0 or spec.offload in ("optimizer", "both"):
-        return 0
+    """Temporaries of the inner optimizer's step on this rank's fp32 partition, wherever the
+    step runs (the device, or the host under optimizer offload): ZeRO-1/2 step the flat
+    partition whole, ZeRO-3 per sub-group (``sub_group_size``)."""
     stepped = psi // spec.ranks
     if spec.zero == 3:
         stepped = min(stepped, _SUB_GROUP)
@@ -152,28 +273,32 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
     state = methods.OPTIMIZERS[spec.optimizer].zero_state
     if state is None or spec.precision not in _WEIGHT_BYTES:
         raise ValueError(f"no simulated ZeRO layout for {spec.optimizer} {spec.precision}")
-    breakdown, host = _rank(spec, state, traced)
+    shape = terms.shape_of(spec)
+    layouts = [_rank(spec, state, traced, r, shape) for r in range(spec.ranks)]
     note = (
         f"simulated ZeRO-{spec.zero} layout over {spec.ranks} rank{'s' * (spec.ranks != 1)}: "
-        "parameters, gradients and "
-        "optimizer state as DeepSpeed partitions them; activations traced (forward and "
-        "backward, unsharded) or the optimizer step's temporaries on the rank's partition, "
-        "whichever is larger, plus ZeRO-3's reduction bucket; gathered layers, ZeRO-1/2 "
-        "buckets and stage3_param_persistence_threshold not counted"
+        "parameters, gradients and optimizer state as DeepSpeed partitions them; the traced "
+        "forward and backward plus the reduction buckets, offload staging buffers and "
+        "ZeRO-3's gathered layers at the loss, or the optimizer step on the rank's "
+        "partition, whichever holds more; stage3_param_persistence_threshold not counted"
     )
-    rank = dataclasses.replace(
-        traced,
-        label=spec.label,
-        spec=spec,
-        peak_bytes=breakdown.total_bytes,
-        step_peak_bytes=(breakdown.total_bytes,),
-        breakdown=breakdown,
-        host_offload_bytes=host,
-        notes=(*traced.notes, note),
-        # The allocator's prediction replayed the unsharded trace, not this layout.
-        allocated_bytes=None,
-        reserved_bytes=None,
+    ranks = tuple(
+        dataclasses.replace(
+            traced,
+            label=spec.label,
+            spec=spec,
+            peak_bytes=layout.breakdown.total_bytes,
+            step_peak_bytes=(layout.breakdown.total_bytes,),
+            breakdown=layout.breakdown,
+            host_offload_bytes=layout.host,
+            notes=(*traced.notes, note),
+            # The allocator's prediction replayed the unsharded trace, not this layout.
+            allocated_bytes=None,
+            reserved_bytes=None,
+        )
+        for layout in layouts
     )
+    worst = max(ranks, key=lambda r: r.peak_bytes)
     return dataclasses.replace(
-        rank, ranks=tuple(rank for _ in range(spec.ranks)), host_offload_bytes=host * spec.ranks
+        worst, ranks=ranks, host_offload_bytes=sum(layout.host for layout in layouts)
     )
