@@ -201,6 +201,9 @@ class VramSession:
         if reasons and report.passed:
             report.outcome = "failed"
             report.longrepr = "\n".join(reasons)
+        elif reasons:
+            # The test's own assert failed: the verdict's findings are shown beside its message.
+            report.sections.append(("vram verdict", "\n".join(reasons)))
         return report
 
     def _judge(

@@ -125,6 +125,19 @@ def test_drift_up_beyond_tolerance_fails(vram_project) -> None:
     result.stdout.re_match_lines([r"^test_mem\.py::test_a\s.*\+25\.0%\s+FAIL drift-up$"])
 
 
+def test_a_drift_is_shown_beside_a_failing_assert_of_the_test(vram_project) -> None:
+    """The test's own assert is the failure; the drift it would have reported is not lost."""
+    vram_project.record_then_check(ONE_TEST)
+    vram_project.edit_entry("test_a", peak_factor=0.8)
+    own_check = ONE_TEST + "        assert r.peak_bytes < 0, 'own check'\n"
+    vram_project.write(own_check.replace("vram.step(", "r = vram.step("))
+    result = vram_project.run()
+    result.assert_outcomes(failed=1)
+    text = output(result)
+    assert "AssertionError: own check" in text
+    assert re.search(r"-+ vram verdict -+\npeak .* is \+25\.0% .* from baseline", text), text
+
+
 def test_drift_up_names_changed_versions(vram_project) -> None:
     vram_project.record_then_check(ONE_TEST)
     torch_now = vram_project.entry("test_a")["versions"]["torch"]
