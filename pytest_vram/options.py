@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -18,6 +18,7 @@ import pytest
 
 from pytest_vram.errors import SpecError
 from pytest_vram.meters import METERS
+from pytest_vram.result import PEAK_SOURCES
 from pytest_vram.units import parse_fraction
 
 __all__ = ["Settings", "add_options", "resolve"]
@@ -64,10 +65,16 @@ def _path_option(flag: str) -> Callable[[str], str]:
     return parse
 
 
-def _device(text: str) -> str:
-    if text not in METERS:
-        raise pytest.UsageError(f"--vram-device={text!r}; choose one of: {', '.join(METERS)}")
-    return text
+def _choice(flag: str, choices: Sequence[str], fold: bool = False) -> Callable[[str], str]:
+    """One of ``choices``; ``fold``: as written in any case, with spaces around."""
+
+    def parse(text: str) -> str:
+        value = str(text).strip().lower() if fold else text
+        if value not in choices:
+            raise pytest.UsageError(f"{flag}={text!r}; choose one of: {', '.join(choices)}")
+        return value
+
+    return parse
 
 
 def _modules(text: str) -> tuple[str, ...]:
@@ -78,26 +85,7 @@ def _modules(text: str) -> tuple[str, ...]:
     return names
 
 
-def _peak_source(text: str) -> str:
-    from pytest_vram.result import PEAK_SOURCES
-
-    if text not in PEAK_SOURCES:
-        raise pytest.UsageError(
-            f"--vram-peak-source={text!r}; choose one of: {', '.join(PEAK_SOURCES)}"
-        )
-    return text
-
-
 SNAPSHOT_MODES: Final = ("failed", "all", "none")
-
-
-def _snapshots(text: str) -> str:
-    lowered = str(text).strip().lower()
-    if lowered not in SNAPSHOT_MODES:
-        raise pytest.UsageError(
-            f"--vram-snapshots={text!r}; choose one of: {', '.join(SNAPSHOT_MODES)}"
-        )
-    return lowered
 
 
 def _flag(text: str) -> bool:
@@ -138,7 +126,7 @@ OPTIONS: Final = (
     _Option(
         "--vram-device",
         f"meter to use: {', '.join(METERS)} (default: cuda with --gpu, else host)",
-        _device,
+        _choice("--vram-device", METERS),
         None,
     ),
     _Option(
@@ -179,7 +167,7 @@ OPTIONS: Final = (
         "--vram-peak-source",
         "GPU number the budget checks: allocated (torch tensors), reserved (torch's caching "
         "allocator, default) or nvml (the process's device memory, as nvidia-smi shows it)",
-        _peak_source,
+        _choice("--vram-peak-source", PEAK_SOURCES),
         "reserved",
     ),
     _Option(
@@ -207,7 +195,7 @@ OPTIONS: Final = (
         "--vram-snapshots",
         "memory snapshots for https://pytorch.org/memory_viz, from every meter: kept for "
         "failed cases (default), all cases, or none (not recorded: a little faster)",
-        _snapshots,
+        _choice("--vram-snapshots", SNAPSHOT_MODES, fold=True),
         "failed",
     ),
     _Option(
