@@ -233,12 +233,7 @@ def _table(row: Mapping[str, Any], result: MemoryResult | None) -> Iterator[str]
     if result is not None:
         if result.host_offload_bytes:
             cells.append(("host offload", format_bytes(result.host_offload_bytes)))
-        # Off the GPU these are the CUDA caching allocator's numbers, simulated over the trace.
-        predicted = "predicted " if result.meter != "cuda" else ""
-        for name in ("allocated", "reserved", "nvml"):
-            nbytes = getattr(result, f"{name}_bytes")
-            if nbytes is not None:
-                cells.append((f"{predicted}{name}", format_bytes(nbytes)))
+        cells.extend((name, format_bytes(nbytes)) for name, nbytes in result.device_counts())
         if result.step_peak_bytes:
             steps = ", ".join(format_bytes(b) for b in result.step_peak_bytes)
             cells.append(("per-step peaks", steps))

@@ -104,6 +104,17 @@ class MemoryResult:
     def peak_gib(self) -> float:
         return gib(self.peak_bytes)
 
+    def device_counts(self) -> list[tuple[str, int]]:
+        """The allocated, reserved and nvml bytes that are known, by name: measured on the GPU,
+        "predicted ..." elsewhere (the CUDA caching allocator simulated over the trace)."""
+        prefix = "predicted " if self.meter != "cuda" else ""
+        counts = (
+            ("allocated", self.allocated_bytes),
+            ("reserved", self.reserved_bytes),
+            ("nvml", self.nvml_bytes),
+        )
+        return [(prefix + name, nbytes) for name, nbytes in counts if nbytes is not None]
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["spec"] = self.spec.to_dict() if self.spec else None

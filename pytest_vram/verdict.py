@@ -71,12 +71,7 @@ class CaseVerdict:
         lines.append(f"  per-step peaks (GiB): {steps}")
         if r.peak_source != "storage":
             lines.append(f"  the budget checks: {r.peak_source}")
-        # Off the GPU these are the CUDA caching allocator's numbers, simulated over the trace.
-        predicted = "predicted " if r.meter != "cuda" else ""
-        for name in ("allocated", "reserved", "nvml"):
-            nbytes = getattr(r, f"{name}_bytes")
-            if nbytes is not None:
-                lines.append(f"  {predicted}{name}: {gib(nbytes):.4f} GiB")
+        lines.extend(f"  {name}: {gib(nbytes):.4f} GiB" for name, nbytes in r.device_counts())
         error = calibration.error_of(r.prediction, r.peak_source, r.peak_bytes)
         if error is not None:
             lines.append(f"  prediction: {error.line()}")
