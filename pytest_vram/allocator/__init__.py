@@ -41,6 +41,7 @@ from pytest_vram.allocator.config import AllocatorConfig, AllocatorConfigError
 __all__ = [
     "ALLOC",
     "FREE",
+    "Replay",
     "AllocatorConfig",
     "AllocatorConfigError",
     "AllocatorPrediction",
@@ -158,9 +159,14 @@ def events_of(log: _Log) -> Iterator[Event]:
     ALLOC event. A resize, logged as the FREE of the old size then the ALLOC of the new one for
     the same storage, is replayed in the order torch resizes (resize_bytes_cuda): the new
     memory is allocated and copied into before the old is freed."""
+    return _events(log, 0, {})
+
+
+def _events(log: _Log, start: int, key_of: dict[int, int]) -> Iterator[Event]:
+    """``events_of`` from event ``start`` on; ``key_of``: the key of each storage allocated
+    before it, updated as the events are read."""
     kind, sid, nbytes = log.kind, log.sid, log.nbytes
-    key_of: dict[int, int] = {}
-    i, n = 0, len(kind)
+    i, n = start, len(kind)
     while i < n:
         storage = sid[i]
         if kind[i] == ALLOC:
@@ -176,6 +182,27 @@ def events_of(log: _Log) -> Iterator[Event]:
         else:
             yield FREE, key_of.pop(storage), nbytes[i]
         i += 1
+
+
+@final
+class Replay:
+    """A growing event log replayed on one allocator: each ``feed`` replays only the events
+    logged since the last one, so a meter reads each step's peaks without replaying the
+    steps before it. A resize's two events are logged together, never split by a feed."""
+
+    def __init__(self, config: AllocatorConfig | None = None) -> None:
+        self.allocator = CachingAllocator(config)
+        self._next = 0
+        self._key_of: dict[int, int] = {}
+
+    def feed(self, log: _Log) -> None:
+        sim = self.allocator
+        for kind, key, nbytes in _events(log, self._next, self._key_of):
+            if kind == ALLOC:
+                sim.malloc(key, nbytes)
+            else:
+                sim.free(key)
+        self._next = len(log.kind)
 
 
 def step_starts(log: _Log) -> list[tuple[int, int]]:

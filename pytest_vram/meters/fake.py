@@ -45,7 +45,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pytest_vram.allocator import AllocatorConfig, WindowPeaks, events_of, simulate
+from pytest_vram.allocator import AllocatorConfig, Replay
 from pytest_vram.errors import Unsupported
 from pytest_vram.meters import limits
 from pytest_vram.meters.base import FIXED_FINGERPRINTS, MemorySnapshots, Meter, Roles
@@ -132,7 +132,7 @@ class FakeMeter(Meter, MemorySnapshots):
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self._ramps = _Ramps()
         self._restore: list[Callable[[], None]] = []
-        self._step_start = 0  # index of the current step's first event
+        self._replay: Replay | None = None
 
     @property
     def ledger(self) -> StorageLedger:
@@ -203,17 +203,14 @@ class FakeMeter(Meter, MemorySnapshots):
 
     def step_begin(self) -> None:
         self._host.step_begin()
-        self._step_start = len(self.ledger.events)
-
-    def _predicted(self) -> WindowPeaks:
-        """What the CUDA caching allocator would report for this step (peaks reset at its
-        start, as the cuda meter resets them), replaying every event so far: the segments
-        cached before the step are still held in it. ``PYTORCH_CUDA_ALLOC_CONF`` is read as
-        torch reads it; a value torch would refuse fails the case with torch's reason."""
-        config = AllocatorConfig.from_env(os.environ)
-        log = self.ledger.events
-        prediction = simulate(events_of(log), config, windows=[self._step_start])
-        return prediction.windows[-1]
+        # What the CUDA caching allocator would report for each step: everything before the
+        # step replayed (the segments it cached are still held), then the peaks reset, as
+        # the cuda meter resets them. PYTORCH_CUDA_ALLOC_CONF is read as torch reads it; a
+        # value torch would refuse fails the case with torch's reason.
+        if self._replay is None:
+            self._replay = Replay(AllocatorConfig.from_env(os.environ))
+        self._replay.feed(self.ledger.events)
+        self._replay.allocator.reset_peaks()
 
     def note(self, roles: Roles) -> None:
         self._host.note(roles)
@@ -226,11 +223,13 @@ class FakeMeter(Meter, MemorySnapshots):
 
     def step_end(self, roles: Roles) -> StepMeasure:
         measure = self._host.step_end(roles)
-        predicted = self._predicted()
+        assert self._replay is not None  # step_begin made it
+        self._replay.feed(self.ledger.events)
+        allocator = self._replay.allocator
         return dataclasses.replace(
             measure,
-            allocated_bytes=predicted.max_allocated_bytes,
-            reserved_bytes=predicted.max_reserved_bytes,
+            allocated_bytes=allocator.max_allocated_bytes,
+            reserved_bytes=allocator.max_reserved_bytes,
         )
 
     def environment(self) -> dict[str, str]:
