@@ -93,10 +93,15 @@ def test_two_steps_breakdown_and_adamw_state(
     # exp_avg + exp_avg_sq (8 B per element) and a 4 B fp32 `step` scalar per tensor.
     assert {p.dtype for p in params} == {torch.float32}
     assert b.optimizer_bytes == 8 * r.trainable_params + F32 * len(params)
-    # Every method here peaks in forward/backward, before optimizer.step(): step 1's window has
-    # no AdamW state yet, step 2's has it, and nothing else differs between the two peaks.
+    # Step 2 peaks in forward/backward with AdamW's state beside it. So does step 1, without
+    # it, for every method but p-tuning: its prompt encoder's state is large beside its
+    # activations, and step 1 peaks in the foreach step, which holds exp_avg_sq.sqrt() of every
+    # trainable parameter as the state is first made.
     step1, step2 = r.step_peak_bytes
-    assert step2 - step1 == b.optimizer_bytes
+    if method == "p-tuning":
+        assert 0 < step2 - step1 < b.optimizer_bytes
+    else:
+        assert step2 - step1 == b.optimizer_bytes
 
 
 def test_dora_adds_magnitude_vectors_and_activations(

@@ -72,6 +72,10 @@ class ZeroState:
 
     moment_bytes_per_param: int  # state per trainable parameter (AdamW: two fp32 moments)
     step_temporaries_per_element: int  # fp32 tensors its step holds the size of what it steps
+    # True: the step holds them for every tensor of a group at once (foreach), not for one
+    # tensor at a time (the for-loop); the same on ZeRO's one flat partition, not on ZeRO-0's
+    # per-parameter masters.
+    whole_group: bool = False
 
 
 def state_tensors(obj: Any, _depth: int = 0) -> Iterable[torch.Tensor]:
@@ -148,6 +152,10 @@ class Optimizer(Protocol):
     runs_under_zero: ClassVar[bool] = False
     # None: no simulated ZeRO layout, so the fake meter cannot measure its ZeRO cases.
     zero_state: ClassVar[ZeroState | None] = None
+    # Its backward_step is the default (``loss.backward()``, then ``optimizer.step()``) and its
+    # backward the same every step (nothing updates inside it, what trains never changes): the
+    # fake meter replays the first step's forward and backward for later ones.
+    repeats_backward: ClassVar[bool] = False
     fake_meter_blocker: ClassVar[str | None] = None
     # The row of full training with it (the table's Full rows are AdamW's).
     llama_factory_row: ClassVar[
@@ -158,6 +166,10 @@ class Optimizer(Protocol):
     torch_class: ClassVar[str | None] = None
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any: ...
+
+    def zero_state_for(self, spec: StepSpec) -> ZeroState | None:
+        """The footprint under ZeRO of the optimizer ``spec`` builds (options may change it)."""
+        return self.zero_state
 
     def backward_step(self, optimizer: Any, loss: torch.Tensor, spec: StepSpec) -> None:
         loss.backward()  # type: ignore[no-untyped-call]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 from pytest_vram import methods, zoo
 from pytest_vram.errors import installed, missing_library
 from pytest_vram.methods import LlamaFactoryRow, Optimizer, OptionValue, Trains, state_tensors
-from pytest_vram.methods.optim import trainable
+from pytest_vram.methods.optim import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, trainable
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,7 @@ class _Library(Optimizer):
     runs_under_zero = False
     zero_state = None
     torch_class = None
+    repeats_backward = False
 
     def unsupported(self, spec: StepSpec, device: str) -> str | None:
         for module, dist in self.requires:
@@ -62,6 +63,7 @@ class Adafactor(_Library):
     vector per 2-D param, fp32), no first moment unless ``beta1`` > 0."""
 
     name = "adafactor"
+    repeats_backward = True
     options: Mapping[str, OptionValue] = {
         "lr": 1e-3,
         "scale_parameter": False,
@@ -193,6 +195,7 @@ class _GaLore(_Library):
 @final
 class GaLoreAdamW(_GaLore):
     name = "galore-adamw"
+    repeats_backward = True  # it projects in the optimizer step, not in backward
     fake_meter_blocker = None
 
     def build(self, model: torch.nn.Module, spec: StepSpec) -> Any:
@@ -258,6 +261,7 @@ class BAdam(_Library):
             trainable(model),
             lr=spec.optimizer_option("lr"),
             weight_decay=spec.optimizer_option("weight_decay"),
+            foreach=IMPLEMENTATIONS[DEFAULT_IMPLEMENTATION]["foreach"],  # torch's GPU choice
         )
         return BlockOptimizer(
             base_optimizer=base,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 from pytest_vram import methods
 from pytest_vram.methods import Method, Optimizer, OptionValue, Trains
 from pytest_vram.methods.lora import LoraFamily, lora_config, target_modules
+from pytest_vram.methods.optim import torch_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +87,7 @@ class LoraPlus(LoraFamily):
 
         assert optimizer.torch_class is not None  # incompatible() refused the others
         cls = getattr(torch.optim, optimizer.torch_class)
-        kwargs: dict[str, Any] = {k: spec.optimizer_option(k) for k in optimizer.options}
+        kwargs = torch_kwargs(optimizer.options, spec)
         if "weight_decay" in kwargs:
             # peft applies weight decay per group through this key, not the optimizer's own.
             kwargs["loraplus_weight_decay"] = kwargs.pop("weight_decay")

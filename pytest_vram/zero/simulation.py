@@ -126,14 +126,21 @@ def _rank(
     offload_param = spec.zero == 3 and spec.offload in ("param", "both")
     if spec.zero == 0:
         # FP16_UnfusedOptimizer (bf16 without ZeRO): every gradient in the model's dtype and
-        # an fp32 copy, fp32 masters and moments, whole on every rank.
+        # an fp32 copy, fp32 masters and moments, whole on every rank; the peak is the
+        # backward's or the step's over the per-parameter fp32 masters.
+        whole = Breakdown(
+            param_bytes=weights,
+            buffer_bytes=buffers,
+            grad_bytes=w * psi + (_FP32 * psi if mixed else 0),
+            optimizer_bytes=moments + (_FP32 * psi if mixed else 0),
+            activation_bytes=0,
+        )
+        stepped = psi if state.whole_group else shape.largest_trainable
+        temps = state.step_temporaries_per_element * _FP32 * stepped
         return _Layout(
-            Breakdown(
-                param_bytes=weights,
-                buffer_bytes=buffers,
-                grad_bytes=w * psi + (_FP32 * psi if mixed else 0),
-                optimizer_bytes=moments + (_FP32 * psi if mixed else 0),
-                activation_bytes=act,
+            _larger(
+                dataclasses.replace(whole, activation_bytes=act),
+                dataclasses.replace(whole, activation_bytes=temps),
             ),
             0,
         )
@@ -195,6 +202,20 @@ def _rank(
                     activation_bytes=max(held, ipg + persist),
                 )
             )
+            if not offload_opt:
+                # At the step, the rank's own gradients are still held in the model's dtype
+                # while get_flat_partition concatenates them (a second copy) and the fp32
+                # partition gradient is made from that: the peak when the step's own
+                # temporaries are smaller (foreach, fused).
+                candidates.append(
+                    Breakdown(
+                        param_bytes=weights,
+                        buffer_bytes=buffers,
+                        grad_bytes=fp32_grads + w * partition,
+                        optimizer_bytes=optimizer,
+                        activation_bytes=w * partition,
+                    )
+                )
         step = Breakdown(
             param_bytes=weights,
             buffer_bytes=buffers,
@@ -270,7 +291,7 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
     """Per-rank results for ``spec`` (zero set) from a trace of ``plain(spec)``."""
     if spec.zero is None:
         raise ValueError(f"simulate needs a ZeRO spec; {spec.label} has zero=None")
-    state = methods.OPTIMIZERS[spec.optimizer].zero_state
+    state = methods.OPTIMIZERS[spec.optimizer].zero_state_for(spec)
     if state is None or spec.precision not in _WEIGHT_BYTES:
         raise ValueError(f"no simulated ZeRO layout for {spec.optimizer} {spec.precision}")
     shape = terms.shape_of(spec)
