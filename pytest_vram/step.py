@@ -23,7 +23,7 @@ from torch.optim.optimizer import (
 )
 
 from pytest_vram import errors, methods, stages
-from pytest_vram.meters.base import MemorySnapshots, Meter, Roles
+from pytest_vram.meters.base import MemorySnapshots, Meter, RepeatsSteps, Roles
 from pytest_vram.result import MemoryResult, StepMeasure
 from pytest_vram.spec import StepSpec
 
@@ -191,6 +191,10 @@ class _OptimizerTrainer:
     def backward_step(self, loss: torch.Tensor) -> None:
         self.opt.backward_step(self.optimizer, loss, self.spec)
 
+    def optimizer_step(self) -> None:
+        """The step without the backward, for a replayed step (``repeats_backward``)."""
+        self.optimizer.step()
+
     def roles(self) -> Roles:
         return roles_of(self.model, self.optimizer, self.method, self.opt, self.frozen())
 
@@ -313,17 +317,39 @@ def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) ->
 
             trainer = engine.ZeroTrainer(model, optimizer, spec, meter)
         stage = stages.STAGES[spec.stage](model, spec, meter.device, trainer.forward)
+        replays = (
+            meter
+            if isinstance(meter, RepeatsSteps)
+            and isinstance(trainer, _OptimizerTrainer)
+            and opt.repeats_backward
+            else None
+        )
         for step in range(1, spec.steps + 1):
             meter.step_begin()
             phases.step = step
+            if replays is not None and step > 1 and replays.replay_step(step):
+                assert isinstance(trainer, _OptimizerTrainer)  # replays is None otherwise
+                trainer.optimizer_step()
+                steps.append(meter.step_end(trainer.roles()))
+                trainer.zero_grad()
+                replays.replayed_step_end()
+                continue
             meter.phase("forward", step)
             inputs = stage.batch()
             with _autocast(spec, meter.device):
                 loss = stage.loss(inputs)
             meter.phase("backward", step)
-            trainer.backward_step(loss)
+            if replays is not None:
+                assert isinstance(trainer, _OptimizerTrainer)  # replays is None otherwise
+                loss.backward()  # type: ignore[no-untyped-call]  # repeats_backward: all it does
+                replays.backward_end(step)
+                trainer.optimizer_step()
+            else:
+                trainer.backward_step(loss)
             # Roles are not kept: holding them would keep this step's gradients alive.
             steps.append(meter.step_end(trainer.roles()))
+            if replays is not None and step == 1:
+                replays.first_step_end(list(model.parameters()))
             trainer.zero_grad()
             del loss, inputs
         result = result_of(spec.label, spec, meter, steps, model, trainer.notes())

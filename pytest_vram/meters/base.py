@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
-__all__ = ["DeviceIndexed", "HostOffloadTagging", "Meter", "MemorySnapshots", "Roles"]
+__all__ = [
+    "DeviceIndexed",
+    "HostOffloadTagging",
+    "Meter",
+    "MemorySnapshots",
+    "RepeatsSteps",
+    "Roles",
+]
 
 # Meters that count the same bytes on every machine keep their baselines under one name:
 # declared here, torch-free, for the pytest process; each such meter's FINGERPRINT reads it.
@@ -110,6 +117,29 @@ class MemorySnapshots(Protocol):
 
     snapshot_label: str | None  # names the snapshot file; set before entering
     snapshot_path: str | None  # the snapshot the last exit wrote, if any
+
+
+@runtime_checkable
+class RepeatsSteps(Protocol):
+    """A meter that replays a later step's forward and backward from the first step's
+    (``meters.repeat``) instead of running them, where the first step proves it can."""
+
+    def backward_end(self, step: int) -> None:
+        """After ``loss.backward()``, before ``optimizer.step()``."""
+        ...
+
+    def first_step_end(self, params: Sequence[torch.Tensor]) -> None:
+        """After the first step's ``step_end``, before its ``zero_grad``."""
+        ...
+
+    def replay_step(self, step: int) -> bool:
+        """At a later step's start (after ``step_begin``): replay its forward and backward,
+        leaving each parameter's gradient in place; False where it cannot (then run it)."""
+        ...
+
+    def replayed_step_end(self) -> None:
+        """After the replayed step's ``zero_grad``: release what its loss and inputs held."""
+        ...
 
 
 @runtime_checkable

@@ -67,6 +67,16 @@ class EventLog:
         self.live_bytes.append(live_bytes)
         self.stack.append(self._capture(sys._getframe(1)) if self.frames else -1)
 
+    def add_replayed(self, index: int, sid: int, live_bytes: int, op: int) -> None:
+        """Event ``index`` again, for storage ``sid`` at operator ``op``: a step the fake meter
+        replays from an earlier one, with that one's stack."""
+        self.kind.append(self.kind[index])
+        self.sid.append(sid)
+        self.nbytes.append(self.nbytes[index])
+        self.op.append(op)
+        self.live_bytes.append(live_bytes)
+        self.stack.append(self.stack[index])
+
     def phase(self, name: str, step: int) -> None:
         # The phase's first operator is the next one: events at ``self.ops`` came from the
         # operator that ended the phase before.

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -42,14 +42,14 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pytest_vram.allocator import AllocatorConfig, Replay
 from pytest_vram.errors import Unsupported
 from pytest_vram.meters import limits
-from pytest_vram.meters.base import FIXED_FINGERPRINTS, MemorySnapshots, Meter, Roles
+from pytest_vram.meters.base import FIXED_FINGERPRINTS, MemorySnapshots, Meter, RepeatsSteps, Roles
 from pytest_vram.meters.host import HostMeter, StorageLedger
+from pytest_vram.meters.repeat import StepReplay
 from pytest_vram.result import StepMeasure
 from pytest_vram.timeline import Timeline
 
@@ -68,17 +68,15 @@ _SHIFT: Final = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
 _COPY: Final = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten.clone.default})
 
 
-class _Ramps(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's modes are untyped
+class _Ramps:
     """Storages known to hold consecutive numbers n, n+1, ...: made by ``arange`` with step 1,
-    shifted by a scalar or copied. transformers makes its default position ids this way."""
+    shifted by a scalar or copied. transformers makes its default position ids this way. It
+    observes the ops the ledger sees (the step's own), after each has run."""
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
         self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+    def __call__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if func in _ARANGE:
             ramp = (args[2] if len(args) > 2 else kwargs.get("step", 1)) == 1
         elif func in _SHIFT:
@@ -87,7 +85,6 @@ class _Ramps(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's mod
             ramp = func in _COPY and self._read_in_order(args[0])
         if ramp:
             self._storages[out.untyped_storage()] = True
-        return out
 
     def holds_ramp(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and t.untyped_storage() in self._storages
@@ -116,7 +113,7 @@ def _forget(t: torch.Tensor) -> None:
 
 
 @final
-class FakeMeter(Meter, MemorySnapshots):
+class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
     """The host meter's counts for a step whose tensors hold no data."""
 
     name = "fake"
@@ -133,6 +130,7 @@ class FakeMeter(Meter, MemorySnapshots):
         self._ramps = _Ramps()
         self._restore: list[Callable[[], None]] = []
         self._replay: Replay | None = None
+        self._steps = StepReplay(self._host)
 
     @property
     def ledger(self) -> StorageLedger:
@@ -177,11 +175,10 @@ class FakeMeter(Meter, MemorySnapshots):
             return None if packed is not None and ramps.consecutive(position_ids) else packed
 
         self._patch(masking_utils, "find_packed_sequence_indices", find_packed_sequence_indices)
-        # The fake mode sits below the ledger: the ledger sees each op, then fake runs it. The
-        # ramps see only the step's ops on top (below, they would see the ledger's too).
+        # The fake mode sits below the ledger: the ledger sees each op, then fake runs it.
         self._fake.__enter__()
+        self._host.observe(self._ramps)
         self._host.__enter__()
-        self._ramps.__enter__()  # type: ignore[no-untyped-call]
         return self
 
     def _patch(self, owner: object, name: str, new: object) -> None:
@@ -190,8 +187,8 @@ class FakeMeter(Meter, MemorySnapshots):
         self._restore.append(lambda: setattr(owner, name, old))
 
     def __exit__(self, *exc: object) -> None:
-        self._ramps.__exit__(None, None, None)  # type: ignore[no-untyped-call]
         self._host.__exit__(*exc)
+        self._host.observe(None)
         self._fake.__exit__(None, None, None)
         while self._restore:
             self._restore.pop()()
@@ -216,7 +213,25 @@ class FakeMeter(Meter, MemorySnapshots):
         self._host.note(roles)
 
     def phase(self, name: str, step: int) -> None:
+        self._steps.phase(name, step)
         self._host.phase(name, step)
+
+    def backward_end(self, step: int) -> None:
+        self._steps.backward_end(step)
+
+    def first_step_end(self, params: Sequence[torch.Tensor]) -> None:
+        self._steps.first_step_end(params)
+
+    def replay_step(self, step: int) -> bool:
+        return self._steps.replay(step)
+
+    def replayed_step_end(self) -> None:
+        self._steps.release()
+
+    @property
+    def replayed_steps(self) -> int:
+        """Steps whose forward and backward were replayed from the first, not traced."""
+        return self._steps.replayed
 
     def timeline(self) -> Timeline:
         return self._host.timeline()

@@ -30,7 +30,7 @@ from pytest_vram.meters.memory_viz import snapshot_filename, write_snapshot
 from pytest_vram.result import Breakdown, StepMeasure
 from pytest_vram.timeline import Timeline
 
-__all__ = ["HostMeter", "StorageLedger"]
+__all__ = ["HostMeter", "OpObserver", "StorageLedger"]
 
 
 @final
@@ -125,6 +125,39 @@ class StorageLedger:
 
         return freed
 
+    # A step replayed from an earlier one (``meters.repeat``): its storages exist only here,
+    # until ``adopt`` gives one a real tensor.
+
+    def replay_alloc(self, index: int, op: int, sid: int | None = None) -> int:
+        """Allocation event ``index`` again at operator ``op``: a new storage, or ``sid`` at
+        its new size (a resize); the storage's id."""
+        sid = next(self._ids) if sid is None else sid
+        nbytes = self.events.nbytes[index]
+        self._live[sid] = nbytes
+        self.live_bytes += nbytes
+        self.events.add_replayed(index, sid, self.live_bytes, op)
+        self._note_peak()
+        return sid
+
+    def replay_free(self, index: int, sid: int, op: int) -> None:
+        """Free event ``index`` again, of replayed storage ``sid``, at operator ``op``."""
+        self._snapshot_if_pending()
+        self.live_bytes -= self._live.pop(sid)
+        self.events.add_replayed(index, sid, self.live_bytes, op)
+
+    def adopt(self, t: torch.Tensor, sid: int) -> None:
+        """``t``, made while the ledger was paused, is replayed storage ``sid``: its free is
+        that storage's."""
+        st = t.untyped_storage()
+        if st.nbytes() != self._live.get(sid):
+            raise ValueError(f"storage of {st.nbytes()} B cannot be replayed storage {sid}")
+        key = st._cdata
+        self._sid_of[key] = sid
+        self._refs[sid] = weakref.ref(st, self._freed_callback(sid, key))
+
+    def is_live(self, sid: int) -> bool:
+        return sid in self._live or sid in self._host
+
     def mark_host(self, t: torch.Tensor) -> None:
         """``t``'s storage is host memory (offloaded): out of the device total from now on."""
         sid = self.track(t)
@@ -203,12 +236,21 @@ def classify(peak_live: dict[int, int], sids: dict[str, set[int]]) -> Breakdown:
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
+# Called with (func, args, kwargs, out) after each op the ledger sees: the fake meter follows
+# position ids through it, without a dispatch mode of its own (each mode costs every op).
+OpObserver = Callable[[Any, tuple[Any, ...], dict[str, Any], Any], None]
+
+
 class _Watch(TorchDispatchMode):
     def __init__(self, ledger: StorageLedger) -> None:
         super().__init__()
         self.ledger = ledger
+        self.observer: OpObserver | None = None
+        self.paused = False  # ops run unseen (tensors the ledger will adopt)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if self.paused:
+            return func(*args, **(kwargs or {}))
         ledger = self.ledger
         ledger.events.ops += 1
         if func is _LIFT_FRESH:
@@ -221,9 +263,12 @@ class _Watch(TorchDispatchMode):
         _walk(args, ledger.seen)
         if kwargs:
             _walk(tuple(kwargs.values()), ledger.seen)
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if not func.is_view:  # a view's storage is its input's, just seen
             _walk(out, ledger.track)
+        if self.observer is not None:
+            self.observer(func, args, kwargs, out)
         return out
 
 
@@ -260,6 +305,24 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
 
     def fingerprint(self) -> str:
         return self.FINGERPRINT
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops inside are not seen: what they make, the ledger adopts or never counts."""
+        self._mode.paused = True
+        try:
+            yield
+        finally:
+            self._mode.paused = False
+
+    @property
+    def noted(self) -> dict[str, set[int]]:
+        """Storage ids ``note`` was given this step, by role."""
+        return self._noted
+
+    def observe(self, observer: OpObserver | None) -> None:
+        """Call ``observer`` after each op the ledger sees (None: stop)."""
+        self._mode.observer = observer
 
     def __enter__(self) -> HostMeter:
         # Storage.resize_ does not go through dispatch (torch's MemTracker patches it the same way).
