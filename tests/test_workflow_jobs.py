@@ -110,7 +110,8 @@ def test_cpu_workflow_runs_ci_script_with_caches() -> None:
 
 def test_ci_script_prebuilds_before_the_tests_and_checks_the_wheel_after() -> None:
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()]
-    assert lines.index("pytest-vram build-ops") < lines.index("python -m pytest")
+    assert lines.index("pytest-vram build-ops") < lines.index("pytest suites")
+    assert lines.index("pytest suites") < lines.index("python -m pytest")
     assert lines.index("python -m pytest") < lines.index("bash .ci/wheel-check")
     check = (ROOT / ".ci" / "wheel-check").read_text("utf-8")
     # The wheel, not the checkout: installed into its own venv, run from outside the tree.
