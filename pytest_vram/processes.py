@@ -26,6 +26,8 @@ __all__ = [
     "reap",
     "receive",
     "running",
+    "share_cores",
+    "threads_per_process",
 ]
 
 TAIL_HEADER: Final = "--- tail of the case's output ---"
@@ -129,3 +131,21 @@ def output_tail(path: str, lines: int) -> str:
     except OSError:
         return ""
     return "\n".join(text[-lines:])
+
+
+def threads_per_process(cpus: int, processes: int) -> int:
+    """torch's intra-op threads for each of ``processes`` running at once on ``cpus`` cores.
+    torch's default, a thread per core in every process, oversubscribes the cores when ZeRO
+    ranks or xdist workers run side by side, and its spinning threads then wait on each other.
+    What a step allocates does not depend on it: tensor sizes are the same on any count."""
+    return max(1, cpus // max(1, processes))
+
+
+def share_cores(processes: int) -> None:
+    """Give torch in this process its share of the cores it may use, when ``processes`` run
+    at once; a count the user set (OMP_NUM_THREADS) is left alone."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(threads_per_process(len(os.sched_getaffinity(0)), processes))

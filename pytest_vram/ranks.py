@@ -45,6 +45,11 @@ class RankOutOfMemory(MemoryError):
     """A rank ran out of memory; the message names the rank and carries its traceback."""
 
 
+# How many times the ranks start when their rendezvous port was taken (EADDRINUSE).
+_PORT_ATTEMPTS: Final = 3
+_PORT_TAKEN: Final = "EADDRINUSE"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,8 +153,23 @@ def run_ranks(
     stay in the case's process group, so a timeout kills them too. Fork from a process that has
     not computed yet (the worker's case child): a process whose torch thread pools are running
     can hang in its forked ranks. ``imports`` are imported in each rank after the fork;
-    ``start_group``: start the process group (gloo, or nccl on GPUs) before ``body``."""
-    launch = _Launch(world, label, _free_port(), tuple(imports), start_group)
+    ``start_group``: start the process group (gloo, or nccl on GPUs) before ``body``.
+
+    The rendezvous port is free when picked, not reserved: a process beside this one (another
+    xdist worker's ranks) may take it before rank 0 binds it. Then the ranks start again on a
+    new port, at most ``_PORT_ATTEMPTS`` times."""
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        launch = _Launch(world, label, _free_port(), tuple(imports), start_group)
+        try:
+            return _run_launch(launch, meter, body)
+        except RuntimeError as exc:
+            if attempt == _PORT_ATTEMPTS or _PORT_TAKEN not in str(exc):
+                raise
+    raise AssertionError("unreachable")  # the last attempt returned or raised
+
+
+def _run_launch(launch: _Launch, meter: Meter, body: Body) -> MemoryResult:
+    world, label = launch.world, launch.label
     pids, conns = [], []
     for rank in range(world):
         pid, recv = processes.fork(functools.partial(_rank_main, rank, launch, meter, body))

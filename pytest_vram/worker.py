@@ -164,24 +164,11 @@ class CaseFailure:
         return "\n".join(parts)
 
 
-def threads_per_process(cpus: int, processes: int) -> int:
-    """torch's intra-op threads for each of ``processes`` running at once on ``cpus`` cores.
-    torch's default, a thread per core in every process, oversubscribes the cores when ZeRO
-    ranks or xdist workers run side by side, and its spinning threads then wait on each other.
-    What a step allocates does not depend on it: tensor sizes are the same on any count."""
-    return max(1, cpus // max(1, processes))
-
-
 def _share_cores(job: Job) -> None:
     """Leave a count the user set (OMP_NUM_THREADS) alone; else share the cores this
     process may use among the case's ranks and the session's xdist workers."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    import torch
-
     ranks = job.spec.ranks if job.spec is not None else (job.ranks or 1)
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-    torch.set_num_threads(threads_per_process(len(os.sched_getaffinity(0)), ranks * workers))
+    processes.share_cores(ranks * int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
 
 
 def _execute(job: Job) -> MemoryResult:

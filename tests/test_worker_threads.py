@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pytest_vram import StepSpec, worker
-from pytest_vram.worker import Job, threads_per_process
+from pytest_vram.processes import threads_per_process
+from pytest_vram.worker import Job
 
 
 @pytest.mark.parametrize(

@@ -110,9 +110,9 @@ def test_cpu_workflow_runs_ci_script_with_caches() -> None:
 
 def test_ci_script_prebuilds_before_the_tests_and_checks_the_wheel_after() -> None:
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()]
-    assert lines.index("pytest-vram build-ops") < lines.index("pytest suites")
-    assert lines.index("pytest suites") < lines.index("python -m pytest")
-    assert lines.index("python -m pytest") < lines.index("bash .ci/wheel-check")
+    assert lines.index("pytest-vram build-ops") < lines.index("pytest suites -n auto")
+    assert lines.index("pytest suites -n auto") < lines.index("python -m pytest -n auto")
+    assert lines.index("python -m pytest -n auto") < lines.index("bash .ci/wheel-check")
     check = (ROOT / ".ci" / "wheel-check").read_text("utf-8")
     # The wheel, not the checkout: installed into its own venv, run from outside the tree.
     assert "python -m build" in check and '"$wheel"' in check and 'cd "$work/project"' in check
