@@ -69,7 +69,7 @@ def memtracker(model: str, method: str) -> dict[str, Any]:
         net = zoo.build_model(model, torch.bfloat16)
         net.config.use_cache = False
         net.train()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=True)  # as run_step
         tracker = MemTracker()
         tracker.track_external(net, optimizer)
         with tracker:
