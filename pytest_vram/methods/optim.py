@@ -9,6 +9,7 @@ step), so every meter builds the one the GPU would run, named in the ``implement
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Final, final
 
@@ -77,7 +78,10 @@ class AdamW(_Torch):
         "implementation": DEFAULT_IMPLEMENTATION,
     }
     torch_class = "AdamW"
-    zero_state = ZeroState(moment_bytes_per_param=8, step_temporaries_per_element=1)
+    # The default implementation's (foreach); zero_state_for gives the one a spec asks for.
+    zero_state = ZeroState(
+        moment_bytes_per_param=8, step_temporaries_per_element=1, whole_group=True
+    )
     llama_factory_row = LlamaFactoryRow.FULL
     # Temporaries per stepped element (ZeRO steps one flat fp32 tensor): the for-loop holds
     # exp_avg_sq.sqrt() and the quotient, foreach one sqrt it divides in place, fused none
@@ -86,8 +90,8 @@ class AdamW(_Torch):
 
     def zero_state_for(self, spec: StepSpec) -> ZeroState:
         implementation = spec.optimizer_option("implementation")
-        return ZeroState(
-            moment_bytes_per_param=8,
+        return dataclasses.replace(
+            self.zero_state,
             step_temporaries_per_element=self._TEMPORARIES[implementation],
             whole_group=implementation == "foreach",
         )
