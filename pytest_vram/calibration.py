@@ -4,9 +4,12 @@ With ``--gpu`` (or ``--vram-calibrate``) every case of a spec is also traced on 
 in its own child of the same worker server, and its numbers ride in the measured result
 (``MemoryResult.prediction``, kept in the baseline entry too). The error is read against the
 number the budget checks: tensor storage on the host meter (where the fake meter should agree
-to the byte, and a ZeRO case shows the simulation against the real engine), ``allocated`` or
-``reserved`` on a GPU (the caching allocator simulated over the trace). Torch-free: it runs in
-the pytest process.
+to the byte, and a ZeRO case shows the simulation against the real engine), ``allocated``,
+``reserved`` or ``nvml`` on a GPU (the caching allocator simulated over the trace, plus what
+``device_profile`` says the GPU holds besides: cuBLAS workspaces, the CUDA context, NCCL).
+Every GPU case also measures what NVML counts beyond ``reserved``; the summary sets it beside
+the profile's figure, which is how ``--vram-cuda-context-mib`` is calibrated. Torch-free: it
+runs in the pytest process.
 """
 
 from __future__ import annotations
@@ -18,26 +21,38 @@ from typing import Any, Final, final
 
 from pytest_vram.units import format_pair
 
-__all__ = ["Error", "Prediction", "error_of", "row_cases", "summary_lines"]
+__all__ = [
+    "Error",
+    "Prediction",
+    "error_of",
+    "outside_allocator_lines",
+    "row_cases",
+    "summary_lines",
+]
 
 # The measured number a predicted one is compared with, by the peak source the budget checks.
 _PREDICTED_FIELD: Final = {
     "storage": "storage_bytes",
     "allocated": "allocated_bytes",
     "reserved": "reserved_bytes",
+    "nvml": "nvml_bytes",
 }
+_COUNTS: Final = tuple(_PREDICTED_FIELD.values())
 
 
 @final
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """The fake meter's numbers for a case: its storage peak and the caching allocator's
-    allocated and reserved, or why it could not trace the case."""
+    allocated and reserved, on a GPU with its device profile's terms and nvml; or why it
+    could not trace the case."""
 
     storage_bytes: int | None = None
     allocated_bytes: int | None = None
     reserved_bytes: int | None = None
     unsupported: str = ""  # why there is no prediction
+    nvml_bytes: int | None = None
+    device: str = ""  # the device profile's terms (DeviceProfile.describe), on a GPU
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -50,17 +65,27 @@ class Prediction:
         if unknown:
             raise ValueError(f"unknown key prediction.{unknown[0]}")
         counts: dict[str, int | None] = {}
-        for key in ("storage_bytes", "allocated_bytes", "reserved_bytes"):
+        for key in _COUNTS:
             value = data.get(key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
                 raise ValueError(f"prediction.{key}={value!r} is not an integer >= 0")
             counts[key] = value
-        why = data.get("unsupported", "")
-        if not isinstance(why, str):
-            raise ValueError(f"prediction.unsupported={why!r} is not a string")
-        return cls(**counts, unsupported=why)
+        texts: dict[str, str] = {}
+        for key in ("unsupported", "device"):
+            text = data.get(key, "")
+            if not isinstance(text, str):
+                raise ValueError(f"prediction.{key}={text!r} is not a string")
+            texts[key] = text
+        return cls(
+            counts["storage_bytes"],
+            counts["allocated_bytes"],
+            counts["reserved_bytes"],
+            unsupported=texts["unsupported"],
+            nvml_bytes=counts["nvml_bytes"],
+            device=texts["device"],
+        )
 
 
 @final
@@ -91,7 +116,7 @@ def error_of(
     prediction: Prediction | None, peak_source: str, measured_bytes: int | None
 ) -> Error | None:
     """The prediction's error on the number the budget checks; None without one to compare
-    (no prediction, or a source nothing predicts: nvml)."""
+    (no prediction, or none of that number: nvml of a case without a GPU)."""
     if prediction is None or measured_bytes is None or peak_source not in _PREDICTED_FIELD:
         return None
     predicted = getattr(prediction, _PREDICTED_FIELD[peak_source])
@@ -131,3 +156,36 @@ def summary_lines(cases: Iterable[tuple[str, Error | None, str]]) -> Iterator[st
         )
     for label, why in missing:
         yield f"  no prediction for [{label}]: {why}"
+
+
+def outside_allocator_lines(rows: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """What NVML counted beyond ``reserved`` on the GPU cases that measured both (the CUDA
+    context with the kernels the step loaded, NCCL's buffers), beside what the device profile
+    assumed: the figure to set ``--vram-cuda-context-mib`` from."""
+    measured: list[int] = []
+    assumed: list[int] = []
+    for row in rows:
+        result = row["result"]
+        nvml, reserved = result.get("nvml_bytes"), result.get("reserved_bytes")
+        if result.get("meter") != "cuda" or nvml is None or reserved is None:
+            continue
+        measured.append(nvml - reserved)
+        prediction = result.get("prediction")
+        if prediction is not None:
+            p = Prediction.from_dict(prediction)
+            if p.nvml_bytes is not None and p.reserved_bytes is not None:
+                assumed.append(p.nvml_bytes - p.reserved_bytes)
+    if not measured:
+        return
+    mib = 2**20
+    line = (
+        f"NVML beyond reserved (CUDA context, NCCL): median {statistics.median(measured) / mib:,.0f}"
+        f" MiB over {len(measured)} case{'s' * (len(measured) != 1)} "
+        f"({min(measured) / mib:,.0f}-{max(measured) / mib:,.0f} MiB)"
+    )
+    if assumed:
+        line += (
+            f"; the device profile assumed {statistics.median(assumed) / mib:,.0f} MiB "
+            "(--vram-cuda-context-mib and --vram-nccl-mib set its terms)"
+        )
+    yield line

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, final
 
 from pytest_vram import errors, model_configs, references, zoo
+from pytest_vram.device_profile import DeviceProfile
 from pytest_vram.errors import SpecError
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
@@ -166,6 +167,19 @@ class Estimate:
     deepspeed: DeepSpeedFigure | str  # a figure, or why there is none
     llama_factory: references.TableValue | None
     capacity_bytes: int | None = None
+    device: DeviceProfile | None = None  # the GPU the device lines predict for
+
+    @property
+    def device_bytes(self) -> tuple[int | None, int | None, int] | None:
+        """(allocated, reserved, nvml) per rank on ``device``; allocated and reserved are
+        None where the caching allocator is not simulated (ZeRO ranks), and nvml is then
+        read from the storage peak."""
+        if self.device is None:
+            return None
+        r, ranks = self.result, self.spec.ranks
+        if r.allocated_bytes is not None and r.reserved_bytes is not None:
+            return self.device.predict(r.allocated_bytes, r.reserved_bytes, ranks)
+        return None, None, self.device.nvml_from_storage_bytes(r.peak_bytes, ranks)
 
     @property
     def simulated(self) -> bool:
@@ -179,10 +193,13 @@ class Estimate:
 
 
 def estimate(
-    spec: StepSpec, capacity_bytes: int | None = None, notes: tuple[str, ...] = ()
+    spec: StepSpec,
+    capacity_bytes: int | None = None,
+    notes: tuple[str, ...] = (),
+    device: DeviceProfile | None = None,
 ) -> Estimate:
     """Trace ``spec`` on the fake meter (its model must be in ``zoo.MODELS``: see zoo_entry);
-    ``notes`` go first in the result's notes."""
+    ``notes`` go first in the result's notes; ``device`` adds what that GPU holds besides."""
     from pytest_vram.meters.fake import FakeMeter
     from pytest_vram.step import run_step
 
@@ -201,10 +218,16 @@ def estimate(
         deepspeed=deepspeed_figure(spec, base, largest),
         llama_factory=references.llama_factory(spec.method, spec.optimizer, spec.precision, base),
         capacity_bytes=capacity_bytes,
+        device=device,
     )
 
 
-def estimate_model(model: str, capacity_bytes: int | None = None, **fields: Any) -> Estimate:
+def estimate_model(
+    model: str,
+    capacity_bytes: int | None = None,
+    device: DeviceProfile | None = None,
+    **fields: Any,
+) -> Estimate:
     """``estimate`` for MODEL (a zoo name or a config.json path) and the StepSpec ``fields``
     given; StepSpec's defaults and checks apply to the others."""
     with zoo_entry(model) as name:
@@ -216,4 +239,4 @@ def estimate_model(model: str, capacity_bytes: int | None = None, **fields: Any)
             fields["attention"] = "eager" if why else "sdpa"
             notes = (f"attention eager, not the default sdpa: {why}",) if why else ()
         spec = StepSpec.from_kwargs(model=name, **fields)
-        return estimate(spec, capacity_bytes, notes)
+        return estimate(spec, capacity_bytes, notes, device)

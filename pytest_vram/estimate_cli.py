@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any, Final
 
 from pytest_vram import references
+from pytest_vram.device_profile import GPUS, DeviceProfile
 from pytest_vram.errors import SpecError, Unsupported
 from pytest_vram.estimate import Estimate, estimate_model
 from pytest_vram.result import gib
@@ -67,7 +69,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="device memory: a number of GiB (24) or a size with its unit, as the marker's "
         "capacity_gb= ('24GiB', '512MiB'); print FITS or OUT OF MEMORY (exit status 1)",
     )
+    parser.add_argument(
+        "--gpu-model",
+        help=f"the GPU to predict nvidia-smi's figure for, which sets torch's cuBLAS workspace: "
+        f"{', '.join(GPUS)} (default: an unnamed pre-Hopper GPU)",
+    )
+    parser.add_argument(
+        "--cuda-context-mib",
+        type=_mib,
+        help="MiB of the CUDA context per process (default 426, a bare context as published)",
+    )
+    parser.add_argument(
+        "--nccl-mib",
+        type=_mib,
+        help="MiB of NCCL's buffers per GPU with --ranks 2 or more (default 544 for 2, 688 more)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _mib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB >= 0")
+    return value
 
 
 def command(args: argparse.Namespace) -> int:
@@ -93,7 +120,10 @@ def command(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> Estimate:
     fields = {name: getattr(args, name) for name in _SPEC_ARGS if getattr(args, name) is not None}
     capacity_bytes = None if args.capacity_gb is None else _capacity(args.capacity_gb)
-    return estimate_model(args.model, capacity_bytes, grad_ckpt=args.grad_ckpt, **fields)
+    device = DeviceProfile.named(
+        args.gpu_model, os.environ, context_mib=args.cuda_context_mib, nccl_mib=args.nccl_mib
+    )
+    return estimate_model(args.model, capacity_bytes, device, grad_ckpt=args.grad_ckpt, **fields)
 
 
 def _capacity(text: str) -> int:
@@ -140,14 +170,7 @@ def text_lines(est: Estimate) -> Iterator[str]:
     for name, nbytes in r.breakdown.rows():
         yield f"  {name:<29}{gib(nbytes):>10.2f} GiB"
     yield f"  {'peak':<29}{r.peak_gib:>10.2f} GiB"
-    if r.reserved_bytes is not None and r.allocated_bytes is not None:
-        # What torch.cuda.max_memory_reserved() would say: the caching allocator simulated.
-        conf = r.environment.get("PYTORCH_CUDA_ALLOC_CONF", "default settings")
-        yield f"  {'predicted CUDA reserved':<29}{gib(r.reserved_bytes):>10.2f} GiB"
-        yield (
-            f"      the caching allocator over this trace ({conf}): allocated "
-            f"{gib(r.allocated_bytes):.2f} GiB in blocks, reserved in segments"
-        )
+    yield from _device_lines(est)
     if r.host_offload_bytes:
         yield f"  {'offloaded to host':<29}{gib(r.host_offload_bytes):>10.2f} GiB"
     yield f"  params: {r.total_params:,} ({r.trainable_params:,} trained)"
@@ -178,6 +201,25 @@ def text_lines(est: Estimate) -> Iterator[str]:
         yield capacity
 
 
+def _device_lines(est: Estimate) -> Iterator[str]:
+    """What the GPU would report: the caching allocator simulated over the trace, with what
+    the device holds besides (``device_profile``)."""
+    counts = est.device_bytes
+    if est.device is None or counts is None:
+        return
+    allocated, reserved, nvml = counts
+    yield f"  predicted on {est.device.name}{' per rank' if est.simulated else ''}"
+    if allocated is not None and reserved is not None:
+        yield f"    {'allocated':<27}{gib(allocated):>10.2f} GiB"
+        yield f"    {'reserved':<27}{gib(reserved):>10.2f} GiB"
+        conf = est.result.environment.get("PYTORCH_CUDA_ALLOC_CONF", "default settings")
+        how = f"the caching allocator over this trace ({conf})"
+    else:
+        how = "the storage peak (a lower bound: the allocator is not simulated per rank)"
+    yield f"    {'nvidia-smi':<27}{gib(nvml):>10.2f} GiB"
+    yield f"      {how}, with {est.device.describe(est.spec.ranks).partition(': ')[2]}"
+
+
 def json_object(est: Estimate) -> dict[str, Any]:
     ds = est.deepspeed
     table = est.llama_factory
@@ -185,6 +227,7 @@ def json_object(est: Estimate) -> dict[str, Any]:
     return {
         "result": est.result.to_dict(),
         "zero_simulation": "per-rank" if est.simulated else None,
+        "device": _device_object(est),
         "base_params": est.base_params,
         "columns": {
             "pytest_vram": {"peak_bytes": est.result.peak_bytes, "why": _WHY_TRACE},
@@ -216,4 +259,17 @@ def json_object(est: Estimate) -> dict[str, Any]:
                 "message": capacity_line(est),
             }
         ),
+    }
+
+
+def _device_object(est: Estimate) -> dict[str, Any] | None:
+    counts = est.device_bytes
+    if est.device is None or counts is None:
+        return None
+    allocated, reserved, nvml = counts
+    return {
+        **est.device.to_dict(est.spec.ranks),
+        "allocated_bytes": allocated,
+        "reserved_bytes": reserved,
+        "nvml_bytes": nvml,
     }

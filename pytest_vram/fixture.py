@@ -12,6 +12,7 @@ import pytest
 
 from pytest_vram import gpus, invariants
 from pytest_vram.calibration import Prediction
+from pytest_vram.device_profile import DeviceProfile
 from pytest_vram.errors import SpecError
 from pytest_vram.marker import (
     MarkerArgs,
@@ -119,9 +120,12 @@ class Recorder:
 
         return self._session.settings.imports + extension_modules()
 
-    def _predict(self, spec: StepSpec, imports: tuple[str, ...]) -> Prediction:
+    def _predict(
+        self, spec: StepSpec, imports: tuple[str, ...], measured: MemoryResult
+    ) -> Prediction:
         """The case traced on the fake meter, in a child of its own (reused by a fake case of
-        the same spec). What the fake meter cannot trace is a prediction with its reason."""
+        the same spec), on a GPU with the terms of its device profile. What the fake meter
+        cannot trace is a prediction with its reason."""
         key = ("fake", spec.to_json(), imports)
         cache = self._session.measured
         traced: MemoryResult | CaseFailure | None = cache.get(key)
@@ -135,7 +139,24 @@ class Recorder:
                 cache[key] = traced
         if isinstance(traced, CaseFailure):
             return Prediction(unsupported=traced.reason)
-        return Prediction(traced.peak_bytes, traced.allocated_bytes, traced.reserved_bytes)
+        allocated, reserved = traced.allocated_bytes, traced.reserved_bytes
+        if measured.meter != "cuda" or allocated is None or reserved is None:
+            return Prediction(traced.peak_bytes, allocated, reserved)
+        settings = self._session.settings
+        profile = DeviceProfile.from_measured(
+            measured.device,
+            measured.environment,
+            context_mib=settings.cuda_context_mib,
+            nccl_mib=settings.nccl_mib,
+        )
+        allocated, reserved, nvml = profile.predict(allocated, reserved, spec.ranks)
+        return Prediction(
+            traced.peak_bytes,
+            allocated,
+            reserved,
+            nvml_bytes=nvml,
+            device=profile.describe(spec.ranks),
+        )
 
     def _run(self, job: Job, capacity_bytes: int | None) -> MemoryResult:
         __tracebackhide__ = True
@@ -148,7 +169,8 @@ class Recorder:
             out = self._session.worker.run(job, self._session.settings.timeout_s)
             if key and isinstance(out, MemoryResult):
                 if self._session.settings.predicts and job.spec is not None and job.meter != "fake":
-                    out = dataclasses.replace(out, prediction=self._predict(job.spec, job.imports))
+                    prediction = self._predict(job.spec, job.imports, out)
+                    out = dataclasses.replace(out, prediction=prediction)
                 cache[key] = out
         if isinstance(out, CaseFailure):
             if out.kind == "unsupported":  # e.g. a library that calls CUDA, on the host meter

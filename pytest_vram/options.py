@@ -54,6 +54,21 @@ def _timeout(text: str) -> float:
     return value
 
 
+def _mib(flag: str) -> Callable[[str], float]:
+    """A number of MiB >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise pytest.UsageError(f"{flag}={text!r} is not a number of MiB") from None
+        if not value >= 0 or math.isinf(value):
+            raise pytest.UsageError(f"{flag}={text!r} must be a number of MiB >= 0")
+        return value
+
+    return parse
+
+
 def _path_option(flag: str) -> Callable[[str], str]:
     """A folder or file name: one the OS can take (a NUL byte ends every path call)."""
 
@@ -207,6 +222,20 @@ OPTIONS: Final = (
         None,
     ),
     _Option(
+        "--vram-cuda-context-mib",
+        "MiB the CUDA context holds per GPU process, for the nvml prediction (default 426, a "
+        "bare context as published; the summary prints what your GPU cases measured)",
+        _mib("--vram-cuda-context-mib"),
+        None,
+    ),
+    _Option(
+        "--vram-nccl-mib",
+        "MiB NCCL's buffers hold per GPU of a multi-rank case, for the nvml prediction "
+        "(default 544 for 2 ranks, 688 for more, as measured on 4 x A100 with NVLink)",
+        _mib("--vram-nccl-mib"),
+        None,
+    ),
+    _Option(
         "--vram-import",
         "modules each case's worker child imports before the step, comma-separated: "
         "patches of the training stack, method registrations",
@@ -248,6 +277,8 @@ class Settings:
     html_path: Path | None = None
     snapshots: str = "failed"  # SNAPSHOT_MODES
     calibrate: float | None = None
+    cuda_context_mib: float | None = None  # None: device_profile's published figure
+    nccl_mib: float | None = None
 
     @property
     def predicts(self) -> bool:
@@ -304,6 +335,8 @@ def resolve(config: pytest.Config) -> Settings:
         html_path=_rooted(config, values["vram_html"]) if values["vram_html"] else None,
         snapshots=values["vram_snapshots"],
         calibrate=values["vram_calibrate"],
+        cuda_context_mib=values["vram_cuda_context_mib"],
+        nccl_mib=values["vram_nccl_mib"],
     )
 
 

@@ -57,6 +57,7 @@ class Summary:
             yield from _table(self.rows, width)
         yield from _notes(self.rows, width)
         yield from calibration.summary_lines(calibration.row_cases(self.rows))
+        yield from calibration.outside_allocator_lines(self.rows)
         if self.update:
             yield f"vram baselines: {self.count_line()}"
         if self.unused:

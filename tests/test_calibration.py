@@ -93,7 +93,8 @@ def test_the_error_is_read_on_the_number_the_budget_checks() -> None:
     allocated = error_of(prediction, "allocated", 997 * MIB)
     assert allocated is not None and allocated.predicted_bytes == 1097 * MIB
     assert error_of(prediction, "storage", 1000 * MIB) == Error("storage", 1096 * MIB, 1000 * MIB)
-    # Nothing predicts what nvidia-smi shows (the CUDA context, library workspaces) yet.
+    # A prediction without the device profile's nvml (traced for a host case) has no error
+    # on it; tests/test_device_profile.py reads one that has.
     assert error_of(prediction, "nvml", 1000 * MIB) is None
     assert error_of(None, "reserved", 1000 * MIB) is None
     assert error_of(Prediction(unsupported="why"), "reserved", 1) is None
