@@ -201,12 +201,17 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
     def step_begin(self) -> None:
         self._host.step_begin()
         # What the CUDA caching allocator would report for each step: everything before the
-        # step replayed (the segments it cached are still held), then the peaks reset, as
-        # the cuda meter resets them. PYTORCH_CUDA_ALLOC_CONF is read as torch reads it; a
-        # value torch would refuse fails the case with torch's reason.
+        # step replayed, then the peaks reset, as the cuda meter resets them. Like the cuda
+        # meter, the first step starts with the blocks the model's build cached released
+        # (empty_cache); later steps keep what the steps before them cached.
+        # PYTORCH_CUDA_ALLOC_CONF is read as torch reads it; a value torch would refuse fails
+        # the case with torch's reason.
+        first = self._replay is None
         if self._replay is None:
             self._replay = Replay(AllocatorConfig.from_env(os.environ))
         self._replay.feed(self.ledger.events)
+        if first:
+            self._replay.allocator.empty_cache()
         self._replay.allocator.reset_peaks()
 
     def note(self, roles: Roles) -> None:
