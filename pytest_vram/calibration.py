@@ -24,6 +24,7 @@ from pytest_vram.units import format_pair
 __all__ = [
     "Error",
     "Prediction",
+    "comparison",
     "error_of",
     "outside_allocator_lines",
     "row_cases",
@@ -189,3 +190,20 @@ def outside_allocator_lines(rows: Iterable[Mapping[str, Any]]) -> Iterator[str]:
             "(--vram-cuda-context-mib and --vram-nccl-mib set its terms)"
         )
     yield line
+
+
+def comparison(
+    prediction: Prediction, measured: Mapping[str, int | None]
+) -> list[tuple[str, int, int | None, float | None]]:
+    """(number, predicted, measured, signed error) for each number the prediction holds;
+    ``measured`` maps "storage", "allocated", "reserved" and "nvml" to what the case
+    measured (None where its meter does not count it)."""
+    rows: list[tuple[str, int, int | None, float | None]] = []
+    for source, field in _PREDICTED_FIELD.items():
+        predicted = getattr(prediction, field)
+        if predicted is None:
+            continue
+        value = measured.get(source)
+        error = None if value is None else Error(source, predicted, value).fraction
+        rows.append((source, predicted, value, error))
+    return rows

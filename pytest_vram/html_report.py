@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from pytest_vram import html_charts
+from pytest_vram import calibration, html_charts
 from pytest_vram.result import MemoryResult
 from pytest_vram.units import format_bytes, format_gib
 
@@ -199,6 +199,8 @@ def _case(row: dict[str, Any], anchor: str) -> Iterator[str]:
     if row.get("details"):
         yield f"<pre class='details'>{_e(chr(10).join(row['details']))}</pre>"
     yield from _table(row, result)
+    if result is not None and result.prediction is not None:
+        yield from _prediction(result)
     if row.get("notes"):
         yield "<ul class='notes'>"
         yield from (f"<li>note: {_e(n)}</li>" for n in row["notes"])
@@ -243,6 +245,35 @@ def _table(row: Mapping[str, Any], result: MemoryResult | None) -> Iterator[str]
     yield "<table class='numbers'>"
     yield from (f"<tr><th>{_e(name)}</th><td>{_e(value)}</td></tr>" for name, value in cells)
     yield "</table>"
+
+
+def _prediction(result: MemoryResult) -> Iterator[str]:
+    """The fake meter's prediction beside what the case measured (--gpu, --vram-calibrate)."""
+    p = result.prediction
+    assert p is not None
+    if p.unsupported:
+        yield f"<p class='notes'>No prediction: {_e(p.unsupported)}</p>"
+        return
+    measured = {
+        "storage": result.peak_bytes if result.peak_source == "storage" else None,
+        "allocated": result.allocated_bytes,
+        "reserved": result.reserved_bytes,
+        "nvml": result.nvml_bytes,
+    }
+    yield "<table class='numbers prediction'>"
+    yield "<tr><th>predicted</th><th>fake meter</th><th>measured</th><th>error</th></tr>"
+    for name, predicted, value, error in calibration.comparison(p, measured):
+        checked = " (checked)" if name == result.peak_source else ""
+        cells = (
+            format_bytes(predicted),
+            "-" if value is None else format_bytes(value),
+            "-" if error is None else f"{error:+.1%}",
+        )
+        yield f"<tr><th>{_e(name + checked)}</th>" + "".join(f"<td>{_e(c)}</td>" for c in cells)
+        yield "</tr>"
+    yield "</table>"
+    if p.device:
+        yield f"<p class='notes'>device profile: {_e(p.device)}</p>"
 
 
 def _keys(items: Iterable[tuple[str, str]]) -> str:

@@ -5,7 +5,9 @@ rules are torch's, hand-worked, and GPU results are recorded ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -19,6 +21,7 @@ from pytest_vram.device_profile import (
 )
 from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.spec import StepSpec
+from pytest_vram.units import format_bytes
 
 KIB, MIB = 2**10, 2**20
 
@@ -215,3 +218,54 @@ def test_estimate_refuses_an_unknown_gpu_by_its_flag(capsys: pytest.CaptureFixtu
     assert main(["estimate", "tiny-llama", "--gpu-model", "x1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pytest-vram estimate: --gpu-model 'x1' is not known; known: v100")
+
+
+def test_the_html_report_sets_each_predicted_number_beside_the_measured_one() -> None:
+    from pytest_vram import html_report
+    from pytest_vram.verdict import Budget, judge
+
+    measured = MemoryResult.from_dict(gpu_nvml_result(3600, 3000, _prediction(3100)))
+    measured = dataclasses.replace(measured, peak_source="reserved", peak_bytes=3000 * MIB)
+    row = judge(
+        "t.py::test_x",
+        measured,
+        Budget(None, 0.05),
+        None,
+        strict=False,
+        update=True,
+        record_hint="--vram-update",
+    ).row()
+    text = html_report.render([{**row, "snapshot": None}])
+    cells = re.findall(
+        r"<tr><th>([^<]*)</th><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", text
+    )
+    # Predicted (MiB): storage 3100 - 60; allocated 3100 - 50 plus two 8.125 MiB workspaces;
+    # reserved 3100 plus their 20 MiB segment; nvml that plus the 426 MiB context.
+    # Measured: allocated 3000 - 40, reserved 3000, nvml 3600.
+    expected = [
+        ("storage", 3040, None),
+        ("allocated", 3050 + 16.25, 2960),
+        ("reserved (checked)", 3120, 3000),
+        ("nvml", 3546, 3600),
+    ]
+    assert cells == [
+        (
+            name,
+            format_bytes(int(p * MIB)),
+            "-" if m is None else format_bytes(m * MIB),
+            "-" if m is None else f"{p / m - 1:+.1%}",
+        )
+        for name, p, m in expected
+    ]
+    assert "device profile: NVIDIA A100: 2 cuBLAS workspaces of 8.12 MiB" in text
+    unsupported = dataclasses.replace(measured, prediction=Prediction(unsupported="a <reason>"))
+    row = judge(
+        "t.py::test_x",
+        unsupported,
+        Budget(None, 0.05),
+        None,
+        strict=False,
+        update=True,
+        record_hint="--vram-update",
+    ).row()
+    assert "No prediction: a &lt;reason&gt;" in html_report.render([{**row, "snapshot": None}])
