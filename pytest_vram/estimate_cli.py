@@ -57,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
+    for what, example in (("method", "r=64"), ("optimizer", "implementation=fused")):
+        parser.add_argument(
+            f"--{what}-option",
+            action="append",
+            default=[],
+            type=_option,
+            metavar="KEY=VALUE",
+            help=f"an option of the {what}, e.g. {example}; repeatable. VALUE is read as JSON "
+            'where it parses (64, 0.1, true, ["q_proj"]), else as text',
+        )
     parser.add_argument(
         "--attention",
         help="sdpa or eager (default: sdpa, or eager for a model without sdpa, with a note)",
@@ -85,6 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MiB of NCCL's buffers per GPU with --ranks 2 or more (default 544 for 2, 688 more)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        parsed: Any = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def _mib(text: str) -> float:
@@ -119,6 +140,10 @@ def command(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> Estimate:
     fields = {name: getattr(args, name) for name in _SPEC_ARGS if getattr(args, name) is not None}
+    for what in ("method", "optimizer"):
+        given = getattr(args, f"{what}_option")
+        if given:
+            fields[f"{what}_options"] = dict(given)
     capacity_bytes = None if args.capacity_gb is None else _capacity(args.capacity_gb)
     device = DeviceProfile.named(
         args.gpu_model, os.environ, context_mib=args.cuda_context_mib, nccl_mib=args.nccl_mib
