@@ -27,10 +27,11 @@ reads tensor values at run time makes ``run_step`` raise ``Unsupported``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -41,6 +42,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensor,
     FakeTensorMode,
     UnsupportedOperatorException,
+    unset_fake_temporarily,
 )
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -131,6 +133,13 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
         self._restore: list[Callable[[], None]] = []
         self._replay: Replay | None = None
         self._steps = StepReplay(self._host)
+        self._host.import_scope = self._real_import
+
+    @contextlib.contextmanager
+    def _real_import(self) -> Iterator[None]:
+        """A module first imported inside makes real tensors, unseen by the ledger."""
+        with unset_fake_temporarily(), self._host.paused():
+            yield
 
     @property
     def ledger(self) -> StorageLedger:

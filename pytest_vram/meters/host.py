@@ -18,6 +18,7 @@ from typing import Any, Final, final
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pytest_vram.meters import imports
 from pytest_vram.meters.base import (
     FIXED_FINGERPRINTS,
     HostOffloadTagging,
@@ -302,6 +303,9 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
         self._mode = _Watch(self.ledger)
         self._orig_resize: Callable[..., Any] | None = None
         self._noted: dict[str, set[int]] = {}
+        # What a module first imported inside runs in (meters.imports).
+        self.import_scope: Callable[[], contextlib.AbstractContextManager[object]] = self.paused
+        self._imports: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
     def fingerprint(self) -> str:
         return self.FINGERPRINT
@@ -309,11 +313,11 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Ops inside are not seen: what they make, the ledger adopts or never counts."""
-        self._mode.paused = True
+        was, self._mode.paused = self._mode.paused, True
         try:
             yield
         finally:
-            self._mode.paused = False
+            self._mode.paused = was
 
     @property
     def noted(self) -> dict[str, set[int]]:
@@ -336,11 +340,14 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
             return out
 
         torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign, assignment]
+        self._imports = imports.unmeasured(self.import_scope)
+        self._imports.__enter__()
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._mode.__exit__(None, None, None)
+        self._imports.__exit__(None, None, None)
         if self._orig_resize is not None:
             torch.UntypedStorage.resize_ = self._orig_resize  # type: ignore[method-assign]
         self.ledger.closed = True
