@@ -146,18 +146,48 @@ EIGHT_GPU_CARD_GIB = 48
 
 @pytest.mark.parametrize("model", list(EIGHT_GPU_GB))
 def test_llama_factory_8_gpu_orderings_hold_on_every_rank(vram, model: str) -> None:
-    """full > freeze > LoRA 4-bit >= + offload >= + batch 1, per rank. The article's 32B row with
-    offload (188.8 GB against 75.42 without) breaks the fourth: offloading parameters and
-    optimizer state can only move device memory to the host, which the simulation does and
-    a correct engine does (``suites/test_zero.py`` checks the real one)."""
+    """full > freeze, full > LoRA 4-bit >= + offload >= + batch 1, per rank. The article's 32B
+    row with offload (188.8 GB against 75.42 without) breaks the third: offloading parameters
+    and optimizer state can only move device memory to the host, which the simulation does and
+    a correct engine does (``suites/test_zero.py`` checks the real one). Where LoRA 4-bit sits
+    against freeze depends on the model's size: the test below."""
     full = vram.step(model=model, method="full", **EIGHT_GPU)
     freeze = vram.step(model=model, method="freeze", **EIGHT_GPU)
     qlora = vram.step(model=model, method="qlora", **EIGHT_GPU)
     offload = vram.step(model=model, method="qlora", offload="both", **EIGHT_GPU)
     batch_1 = vram.step(model=model, method="qlora", offload="both", **{**EIGHT_GPU, "batch": 1})
-    vram.assert_ordered(batch_1, offload, qlora, freeze, full)
+    vram.assert_ordered(batch_1, offload, qlora, full)
+    vram.assert_lt(freeze, full)
     vram.assert_lt(offload, qlora, term="model_state")
     assert offload.host_offload_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "above_freeze"), [("deepseek-r1-distill-qwen-1.5b", False), ("qwen2.5-32b", True)]
+)
+def test_qlora_under_zero3_holds_each_gathered_4_bit_weight_until_its_backward(
+    vram, model: str, above_freeze: bool
+) -> None:
+    """bitsandbytes' Linear4bit hands MatMul4Bit a view of its gathered packed weight
+    (``weight.t()``), which MatMul4Bit keeps for its backward (``ctx.tensors``); DeepSpeed's
+    release (``free_param``: ``param.data = torch.empty(0)``) drops only the parameter's own
+    reference. So every rank holds the whole packed model when the backward starts, not an
+    eighth of it (``tests/test_zero_simulation.py`` measures this on the real engine, and
+    DeepSpeed pull request 8189 fixed the same hold for plain Linear layers). At 1.5B that is
+    less than freeze's trained state; at 32B, 16 GiB of packed weights per rank put LoRA 4-bit
+    above freeze. The article measured 32B LoRA 4-bit at 75.42 GB against freeze's 133.75 over
+    its 8 GPUs; transformers issue 24395 reported 4-bit loading raising GPU memory under
+    ZeRO-3, as here."""
+    freeze = vram.step(model=model, method="freeze", **EIGHT_GPU)
+    qlora = vram.step(model=model, method="qlora", **EIGHT_GPU)
+    packed = qlora.param_dtype_bytes["uint8"]  # the whole model's, as traced before sharding
+    rank = qlora.ranks[0].breakdown
+    assert rank.param_bytes < packed  # partitioned: a rank keeps less than the packed weights
+    assert rank.activation_bytes > packed  # gathered and held, with the step's activations
+    if above_freeze:
+        vram.assert_lt(freeze, qlora)
+    else:
+        vram.assert_lt(qlora, freeze)
 
 
 def test_llama_factory_8_gpu_32b_full_fine_tuning_does_not_fit_48_gb_cards(vram) -> None:

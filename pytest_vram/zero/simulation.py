@@ -20,7 +20,7 @@ Offloading the optimizer moves its state and the fp32 gradient partition to host
 offloading parameters (ZeRO-3) moves their partitions too.
 
 Activations come from a trace in which each gradient is dropped as it arrives (every rank runs
-the whole model on its own micro-batch). A rank's peak is the larger of two moments, each with
+the whole model on its own micro-batch). A rank's peak is the largest of these moments, each with
 what DeepSpeed holds then (``sim_terms`` derives each buffer from DeepSpeed's code):
 
 * the forward and backward: the traced peak (at the loss), or the first gradient reduction
@@ -28,16 +28,20 @@ what DeepSpeed holds then (``sim_terms`` derives each buffer from DeepSpeed's co
   ``overlap_comm``), under optimizer offload the device staging buffer of the largest
   parameter and the fp64 norm of the rank's slice of the output projection's gradient; ZeRO-1
   also holds every gradient until its reductions after backward; ZeRO-3 holds its reduction
-  bucket, its gradient partitions and the gathered output projection plus the prefetch bucket.
+  bucket, its gradient partitions, the gradient arriving at the traced peak and the parameters
+  gathered when the backward starts (``gather`` replays DeepSpeed's parameter coordinator).
+* ZeRO-3's forward, before the output projection: the layers' activations with what the
+  coordinator holds gathered then (a prefetch bucket that covers the model holds it twice).
 * the optimizer step: the fp32 gradient partition and AdamW's temporaries on it, on the host
   under optimizer offload (with the pinned staging buffers DeepSpeed offloads through).
 
 ``tests/test_zero_simulation.py`` checks the peaks and host bytes against the real engine.
 Not simulated, and said so in the result's notes: ``stage3_param_persistence_threshold``
-(parameters under it stay whole on every rank), ZeRO-3's gathering inside the layers beyond
-the prefetch bucket (the peak of an LLM is at the loss), and ZeRO-0's per-parameter step on
-CPU. DeepSpeed casts peft's fp32 adapters to bf16 while the trace keeps them in fp32: LoRA's
-traced activations are high by the upcast inputs (tiny-llama: +19% to +28%).
+(parameters under it stay whole on every rank, counted neither as parameters nor gathered),
+and ZeRO-0's per-parameter step on CPU. ZeRO-3's gathering is replayed on the module tree of
+a llama-style decoder built from the model's config; a model without one falls back to the
+output projection plus the prefetch bucket at the loss. The step is traced with its
+parameters cast as the engine casts them (``engine.cast_as_engine``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pytest_vram import methods
 from pytest_vram.methods import ZeroState
 from pytest_vram.result import Breakdown, MemoryResult
 from pytest_vram.spec import StepSpec
+from pytest_vram.zero import gather
 from pytest_vram.zero import sim_terms as terms
 
 __all__ = ["plain", "reduction_bucket_bytes", "simulate"]
@@ -191,15 +196,25 @@ def _rank(
             # until reduce_gradients, which reduces them bucket by bucket, the first flat
             # parameter (the embedding, rank 0's) with its fp64 norm under offload. The host
             # meter sees these gradients as temporaries (no role holds them), and so do we.
-            held = w * psi + persist
+            # process_gradients -> setup_buckets allocates the bucket at the first gradient
+            # on every stage, so it is held beside them from then on.
+            held = w * psi + persist + ipg
             if offload_opt:
-                held += terms.norm_temporary(terms.first_flat_slice(rank, n, psi, shape))
+                # The first flat parameter's gradient is copied into the bucket and freed
+                # (reduce_independent_p_g_buckets_and_remove_grads) before its norm is taken.
+                moved = (
+                    shape.embedding_numel
+                    if shape.embedding_numel <= knobs.reduce_bucket_size
+                    else 0
+                )
+                norm = terms.norm_temporary(terms.first_flat_slice(rank, n, psi, shape))
+                held = max(held, held - w * moved + norm)
             candidates.append(
                 Breakdown(
                     param_bytes=weights,
                     buffer_bytes=buffers,
                     optimizer_bytes=optimizer,
-                    activation_bytes=max(held, ipg + persist),
+                    activation_bytes=held,
                 )
             )
             if not offload_opt:
@@ -236,14 +251,26 @@ def _rank(
         host += grad_flat
         grad_flat = 0
     ipg = reduction_bucket_bytes(spec, traced.zero_config)
-    gathered = _gathered_at_loss(knobs, shape, w, weights)
+    # The gradient arriving at the traced peak (the trace drops each on arrival): autograd
+    # makes it whole in the model's dtype before DeepSpeed's hook copies it into the bucket
+    # (reduce_independent_p_g_buckets_and_remove_grads -> __add_grad_to_ipg_bucket).
+    arriving = traced.breakdown.grad_bytes
+    fetched = gather.gathered_bytes(spec, w, traced.zero_config)
+    if fetched is None:
+        backward_gathered, forward_gathered = _gathered_at_loss(knobs, shape, w, weights), 0
+    else:
+        backward_gathered, forward_gathered = fetched.backward_start, fetched.forward
     backward = Breakdown(
         param_bytes=params,
         buffer_bytes=buffers,
         grad_bytes=grad_flat,
         optimizer_bytes=optimizer,
-        activation_bytes=ipg + act + gathered,
+        activation_bytes=ipg + act + arriving + backward_gathered,
     )
+    # The forward before the output projection: the layers' activations without the loss's
+    # (a1), with what the coordinator holds gathered then (a prefetch that covers the model
+    # holds it twice, the flat buffer and each parameter's copy).
+    forward = dataclasses.replace(backward, activation_bytes=ipg + a1 + forward_gathered)
     step = Breakdown(
         param_bytes=params,
         buffer_bytes=buffers,
@@ -251,7 +278,7 @@ def _rank(
         optimizer_bytes=optimizer,
         activation_bytes=ipg + step_temps,
     )
-    return _Layout(_larger(backward, step), host)
+    return _Layout(_larger(backward, forward, step), host)
 
 
 def _ipg_bytes(knobs: terms.ZeroKnobs, w: int) -> int:
@@ -264,7 +291,8 @@ def _ipg_bytes(knobs: terms.ZeroKnobs, w: int) -> int:
 
 
 def _gathered_at_loss(knobs: terms.ZeroKnobs, shape: terms.Shape, w: int, weights: int) -> int:
-    """ZeRO-3's gathered parameters at the loss: the output projection, used last in the
+    """ZeRO-3's gathered parameters at the loss, for a model whose module tree is not known
+    (``gather.modules_of``): the output projection, used last in the
     forward and first in the backward, stays gathered (PartitionedParameterCoordinator
     releases only parameters not reused within ``stage3_max_reuse_distance``), and the
     backward's first modules are prefetched up to ``stage3_prefetch_bucket_size`` elements
@@ -300,8 +328,9 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
         f"simulated ZeRO-{spec.zero} layout over {spec.ranks} rank{'s' * (spec.ranks != 1)}: "
         "parameters, gradients and optimizer state as DeepSpeed partitions them; the traced "
         "forward and backward plus the reduction buckets, offload staging buffers and "
-        "ZeRO-3's gathered layers at the loss, or the optimizer step on the rank's "
-        "partition, whichever holds more; stage3_param_persistence_threshold not counted"
+        "ZeRO-3's gathered parameters (its coordinator replayed), or the optimizer step on "
+        "the rank's partition, whichever holds more; stage3_param_persistence_threshold not "
+        "counted"
     )
     ranks = tuple(
         dataclasses.replace(
