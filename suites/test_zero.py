@@ -1,7 +1,9 @@
 """DeepSpeed ZeRO stages 0-3, with and without optimizer offload, on two ranks.
 
 The worst surprises users report are ZeRO ones: LLaMA-Factory users measured 188.8 GB instead
-of 75.4 GB for a 32B LoRA run under ZeRO-3 with CPU offload. Each case runs the real engine on two gloo ranks; on the host
+of 75.4 GB for a 32B LoRA 4-bit run under ZeRO-3 with CPU offload (``test_references.py``
+reproduces the 188.8: every rank holds the gathered 4-bit weights until the backward, which
+offload does not move). Each case runs the real engine on two gloo ranks; on the host
 meter, offloaded state is tagged as host memory when DeepSpeed makes it, so "offload must not
 raise device memory" is checked here as a GPU run would check it. Comparisons are per rank.
 
