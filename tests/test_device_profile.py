@@ -226,16 +226,20 @@ def test_the_html_report_sets_each_predicted_number_beside_the_measured_one() ->
 
     measured = MemoryResult.from_dict(gpu_nvml_result(3600, 3000, _prediction(3100)))
     measured = dataclasses.replace(measured, peak_source="reserved", peak_bytes=3000 * MIB)
-    row = judge(
-        "t.py::test_x",
-        measured,
-        Budget(None, 0.05),
-        None,
-        strict=False,
-        update=True,
-        record_hint="--vram-update",
-    ).row()
-    text = html_report.render([{**row, "snapshot": None}])
+
+    def page(result: MemoryResult) -> str:
+        verdict = judge(
+            "t.py::test_x",
+            result,
+            Budget(None, 0.05),
+            None,
+            strict=False,
+            update=True,
+            record_hint="--vram-update",
+        )
+        return html_report.render([{**verdict.row(), "snapshot": None}])
+
+    text = page(measured)
     cells = re.findall(
         r"<tr><th>([^<]*)</th><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", text
     )
@@ -259,13 +263,4 @@ def test_the_html_report_sets_each_predicted_number_beside_the_measured_one() ->
     ]
     assert "device profile: NVIDIA A100: 2 cuBLAS workspaces of 8.12 MiB" in text
     unsupported = dataclasses.replace(measured, prediction=Prediction(unsupported="a <reason>"))
-    row = judge(
-        "t.py::test_x",
-        unsupported,
-        Budget(None, 0.05),
-        None,
-        strict=False,
-        update=True,
-        record_hint="--vram-update",
-    ).row()
-    assert "No prediction: a &lt;reason&gt;" in html_report.render([{**row, "snapshot": None}])
+    assert "No prediction: a &lt;reason&gt;" in page(unsupported)
