@@ -15,65 +15,17 @@ import collections
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
-from pytest_vram import methods
 from pytest_vram.spec import StepSpec
+from pytest_vram.zero.modules import Module, modules_of
+from pytest_vram.zero.sim_terms import ZeroKnobs
 
-__all__ = ["Gathered", "Knobs", "Module", "gathered", "gathered_bytes", "modules_of"]
+__all__ = ["Gathered", "Knobs", "Module", "gathered", "gathered_bytes", "modules_of", "persistent"]
 
-_DEFAULT_PREFETCH: Final = 50_000_000
-_DEFAULT_MAX_LIVE: Final = 1_000_000_000
-_DEFAULT_REUSE: Final = 1_000_000_000
-_DEFAULT_PERSISTENCE: Final = 100_000
-
-
-@dataclasses.dataclass(frozen=True)
-class Module:
-    """A module as the coordinator sees it: its own parameters (``iter_params(recurse=False)``),
-    each an index into the model's parameter sizes, and its submodules in the order the
-    forward calls them."""
-
-    params: tuple[int, ...] = ()
-    children: tuple[Module, ...] = ()
-    # Its forward's autograd keeps a view of the gathered weight until its backward:
-    # bitsandbytes' MatMul4Bit.forward saves the packed weight (ctx.tensors) when its input
-    # needs a gradient, and DeepSpeed's release (free_param: param.data = torch.empty(0)) drops
-    # only its own reference.
-    saves_weight: bool = False
-
-    def order(self, forward: bool) -> list[Module]:
-        """The modules as their hooks fetch them: a module before its submodules, which the
-        backward reaches in reverse."""
-        kids = self.children if forward else tuple(reversed(self.children))
-        return [self, *(m for kid in kids for m in kid.order(forward))]
-
-
-@dataclasses.dataclass(frozen=True)
-class Knobs:
-    """The ``zero_optimization`` settings the coordinator runs by."""
-
-    prefetch_bucket_size: int = _DEFAULT_PREFETCH
-    max_live_parameters: int = _DEFAULT_MAX_LIVE
-    max_reuse_distance: int = _DEFAULT_REUSE
-    persistence_threshold: int = _DEFAULT_PERSISTENCE
-
-    @classmethod
-    def of(cls, config: Mapping[str, Any] | None) -> Knobs:
-        zero: Mapping[str, Any] = (config or {}).get("zero_optimization", {})
-
-        def number(key: str, default: int) -> int:
-            try:
-                return int(float(zero.get(key, default)))
-            except (TypeError, ValueError):  # "auto" left in: DeepSpeed's default
-                return default
-
-        return cls(
-            number("stage3_prefetch_bucket_size", _DEFAULT_PREFETCH),
-            number("stage3_max_live_parameters", _DEFAULT_MAX_LIVE),
-            number("stage3_max_reuse_distance", _DEFAULT_REUSE),
-            number("stage3_param_persistence_threshold", _DEFAULT_PERSISTENCE),
-        )
+# The coordinator's settings (stage3_prefetch_bucket_size, stage3_max_live_parameters,
+# stage3_max_reuse_distance, the persistence thresholds), read as the simulation reads them.
+Knobs = ZeroKnobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +34,28 @@ class Gathered:
 
     forward: int  # the most held in the forward before the output projection's fetch
     backward_start: int  # after the backward's first fetch and its prefetch
+    # The most held from the first checkpointed layer's recompute to the end of backward; 0
+    # without checkpointing.
+    recompute: int = 0
+    # Persistent parameters, whole on every rank beside their partitions: never gathered or
+    # released, so not in the moments above.
+    persistent: int = 0
+
+
+def persistent(sizes: Sequence[tuple[int, int]], knobs: Knobs) -> set[int]:
+    """The parameters DeepSpeed keeps whole on every rank
+    (``DeepSpeedZeRoOffload.mark_persistent_parameters``): at most
+    ``stage3_param_persistence_threshold`` elements each, in the model's order, while their
+    total stays within ``stage3_model_persistence_threshold``."""
+    kept: set[int] = set()
+    total = 0
+    for i, (n, _) in enumerate(sizes):
+        if n + total > knobs.model_persistence_threshold:
+            continue
+        if n <= knobs.persistence_threshold:
+            kept.add(i)
+            total += n
+    return kept
 
 
 @dataclasses.dataclass
@@ -105,19 +79,24 @@ class _Coordinator:
         self.order = order
         self.knobs = knobs
         self.ranks = ranks
-        # Parameters of at most stage3_param_persistence_threshold elements persist
-        # (DeepSpeedZeRoOffload.mark_persistent_parameters): never partitioned, nothing to gather.
-        self.persist = {i for i, (n, _) in enumerate(sizes) if n <= knobs.persistence_threshold}
+        # Persistent parameters are always available: nothing to gather or release.
+        self.persist = persistent(sizes, knobs)
         self.available: set[int] = set()
         # Each gathered parameter's data: a sequential gather's buffer from the gather on, a
         # coalesced one's copy from its wait on.
         self.held: dict[int, int] = {}
-        self.saved = 0  # released parameters' data that autograd still holds
+        # Released parameters' data that autograd still holds, until their module's backward.
+        self.saved: dict[int, int] = {}
         self.saving: set[int] = set()
         self.inflight: dict[int, _Handle] = {}
         self.handles: list[_Handle] = []
         self.n_available = 0
+        # ds_active_sub_modules: the modules (by identity) each parameter is fetched for.
         self.active: dict[int, set[int]] = collections.defaultdict(set)
+        # __active_backward_submodules, in the order their backward fetched them, and each
+        # one's ds_recompute_parameters.
+        self.in_backward: dict[int, Module] = {}
+        self.recomputed: dict[int, set[int]] = collections.defaultdict(set)
         # reset_step: the fetch queue is the recorded trace, module by module, parameters in
         # ds_id order, each with the step it is used at (record_parameters).
         self.queue = collections.deque(
@@ -128,7 +107,7 @@ class _Coordinator:
 
     def bytes(self) -> int:
         flats = sum(h.flat for h in self.handles if h.waiting)
-        return flats + sum(self.held.values()) + self.saved
+        return flats + sum(self.held.values()) + sum(self.saved.values())
 
     def _partition(self, p: int) -> int:
         return math.ceil(self.sizes[p][0] / self.ranks)
@@ -168,12 +147,22 @@ class _Coordinator:
             if h.flat:  # torch.cat of the partitions: the parameter's own size
                 self.held[p] = n * item
 
-    def fetch(self, module: Module) -> None:
-        """``_fetch_sub_module_impl`` with a complete trace."""
+    def fetch(self, module: Module, forward: bool = True, recompute: bool = False) -> None:
+        """``fetch_sub_module`` -> ``_fetch_sub_module_impl`` with a complete trace."""
+        if not forward:
+            self.in_backward.setdefault(id(module), module)
         params = set(module.params) - self.persist
         self._all_gather(params)
+        for p in set(module.params):
+            self.active[p].add(id(module))
+            # A frozen parameter fetched by a checkpointed layer's recompute (a forward inside
+            # backward: _current_graph_task_id() != -1) stays for the backward module under
+            # way, which releases it (update_recompute_parameters).
+            if recompute and module.frozen and self.in_backward:
+                owner = next(reversed(self.in_backward.values()))
+                self.recomputed[id(owner)].add(p)
+                self.active[p].add(id(owner))
         for p in params:
-            self.active[p].add(self.step)
             h = self.inflight.pop(p, None)
             if h is not None:
                 h.waiting.discard(p)
@@ -201,11 +190,12 @@ class _Coordinator:
             self._all_gather(prefetch)
         self.step += 1
 
-    def release(self, module: Module, fetched_at: int) -> None:
+    def release(self, module: Module, forward: bool = True) -> None:
         """``release_sub_module``: a parameter stays gathered while used again within
-        ``stage3_max_reuse_distance`` elements of the trace (``__params_to_release``)."""
-        release = {p for p in module.params if p not in self.persist}
-        release = {p for p in release if self.fetched_for[p] <= self.step}
+        ``stage3_max_reuse_distance`` elements of the trace (``__params_to_release``); after
+        a backward, the parameters its recompute fetched go too."""
+        own = set(module.params)
+        release = {p for p in own - self.persist if self.fetched_for[p] <= self.step}
         traversed = 0
         for m in self.order[self.step :]:
             if traversed >= self.knobs.max_reuse_distance:
@@ -213,139 +203,113 @@ class _Coordinator:
             for p in m.params:
                 release.discard(p)
                 traversed += self.sizes[p][0]
-        for p in module.params:
-            self.active[p].discard(fetched_at)
+        if not forward:
+            recomputed = self.recomputed.pop(id(module), set())
+            release |= recomputed - self.persist
+            own |= recomputed
+            self.in_backward.pop(id(module), None)
+            # Its autograd node has run: the views it kept of its weights go with it.
+            if module.saves_weight:
+                for p in module.params:
+                    self.saved.pop(p, None)
+        for p in own:
+            self.active[p].discard(id(module))
             if p in release and p in self.available and not self.active[p]:
                 self.available.discard(p)
                 held = self.held.pop(p)
                 if p in self.saving:
                     self.saving.discard(p)
-                    self.saved += held
+                    self.saved[p] = self.saved.get(p, 0) + held
                 self.n_available -= self.sizes[p][0]
 
 
-def gathered(sizes: Sequence[tuple[int, int]], model: Module, knobs: Knobs, ranks: int) -> Gathered:
-    """Replay the coordinator over the forward and the start of the backward of a step whose
-    trace was recorded the step before, as every step after the second is. ``sizes``: each
-    parameter's elements and bytes per element; ``model``: the root module."""
-    c = _Coordinator(sizes, [*model.order(True), *model.order(False)], knobs, ranks)
-    most = 0
-    output = False
-    last = c.order[len(c.order) // 2 - 1]  # the forward's last module: the output projection
+def _steps(model: Module) -> list[tuple[str, Module]]:
+    """The step's hook calls in order: ("fetch" | "release", module) in the forward; in the
+    backward "fetch-b" / "release-b", and a checkpointed layer's recompute ("fetch-r" /
+    "release-r") at its first leaf's backward."""
+    calls: list[tuple[str, Module]] = []
 
-    def forward(m: Module) -> None:
+    def forward(m: Module, tag: str = "") -> None:
         # _pre_forward_module_hook fetches; _post_forward_module_hook releases once the
         # module's own submodules have run.
-        nonlocal most, output
-        at = c.step
-        c.fetch(m)
-        if m.saves_weight:
-            c.saving.update(m.params)
-        output = output or m is last
-        if not output:
-            most = max(most, c.bytes())
+        calls.append(("fetch" + tag, m))
         for kid in m.children:
-            forward(kid)
-        c.release(m, at)
+            forward(kid, tag)
+        calls.append(("release" + tag, m))
+
+    def recompute(layer: Module) -> None:
+        # torch.utils.checkpoint (non-reentrant) runs the layer's forward again when backward
+        # first unpacks a tensor it saved, and stops once the last saved tensor is made
+        # again (_StopRecomputationError): inside the last leaf with weights, whose
+        # post-forward hooks, and its ancestors', never run.
+        start = len(calls)
+        for kid in layer.children:
+            forward(kid, "-r")
+        last = max(
+            i
+            for i in range(start, len(calls))
+            if calls[i][0] == "fetch-r" and calls[i][1].params and not calls[i][1].children
+        )
+        del calls[last + 1 :]
+
+    pending: list[Module] = []
+
+    def backward(m: Module) -> None:
+        if not m.grad_out:
+            return
+        calls.append(("fetch-b", m))
+        if m.checkpointed:
+            pending.append(m)
+        if pending and not m.children:
+            recompute(pending.pop())
+        for kid in reversed(m.children):
+            backward(kid)
+        if m.grad_in:
+            calls.append(("release-b", m))
 
     forward(model)
-    # The backward's pre-backward hooks fetch down to the last module the forward ran (the
-    # output projection), whose gradient is the first to arrive.
-    backward = model.order(False)
-    for m in backward:
-        c.fetch(m)
-        if not m.children:
-            break
-    return Gathered(forward=most, backward_start=c.bytes())
+    backward(model)
+    return calls
 
 
-def modules_of(spec: StepSpec, w: int) -> tuple[list[tuple[int, int]], Module | None]:
-    """A decoder model's parameters and its module tree, from its config: the embedding, each
-    layer's norms, attention and MLP projections (with peft's adapters as their own modules
-    under LoRA, and packed 4-bit base weights under QLoRA), the final norm and the output
-    projection. None for a model without a known config."""
-    from pytest_vram import zoo
-
-    try:
-        config = zoo.build_config(spec.model)
-    except Exception:  # noqa: BLE001  # not a zoo model: nothing to replay
-        return [], None
-    text = getattr(config, "get_text_config", lambda: config)()
-    hidden = int(getattr(text, "hidden_size", 0) or 0)
-    inter = int(getattr(text, "intermediate_size", 0) or 0)
-    vocab = int(getattr(text, "vocab_size", 0) or 0)
-    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
-    heads = int(getattr(text, "num_attention_heads", 0) or 0)
-    if not (hidden and inter and vocab and layers and heads):
-        return [], None
-    kv = int(getattr(text, "num_key_value_heads", heads) or heads)
-    head_dim = int(getattr(text, "head_dim", 0) or hidden // heads)
-    bias = bool(getattr(text, "attention_bias", False))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    method = methods.METHODS[spec.method]
-    lora = method.trains is methods.Trains.LORA
-    rank = int(spec.method_option("rank")) if lora else 0
-    packed = method.base_weight_bits
-    sizes: list[tuple[int, int]] = []
-
-    def param(numel: int, item: int = w) -> int:
-        sizes.append((numel, item))
-        return len(sizes) - 1
-
-    def linear(n_in: int, n_out: int, with_bias: bool = False, grad_in: bool = True) -> Module:
-        if packed:  # bitsandbytes packs the weight into uint8 storage
-            weight = param(n_in * n_out * packed // 8, 1)
+def gathered(sizes: Sequence[tuple[int, int]], model: Module, knobs: Knobs, ranks: int) -> Gathered:
+    """Replay the coordinator over a step whose trace was recorded the step before, as every
+    step after the second is. ``sizes``: each parameter's elements and bytes per element;
+    ``model``: the root module."""
+    calls = _steps(model)
+    c = _Coordinator(sizes, [m for call, m in calls if call.startswith("fetch")], knobs, ranks)
+    forward_most = 0
+    backward_start = 0
+    recompute_most = 0
+    output = False
+    started = False
+    recomputing = False
+    last = [m for call, m in calls if call == "fetch"][-1]  # the output projection
+    for call, m in calls:
+        if call.startswith("fetch"):
+            c.fetch(m, forward=call != "fetch-b", recompute=call == "fetch-r")
         else:
-            weight = param(n_in * n_out)
-        own = (weight, param(n_out)) if with_bias else (weight,)
-        base = Module(own, saves_weight=bool(packed) and grad_in)
-        if not lora:
-            return base
-        # peft's lora.Linear: its base_layer, the dropout, lora_A and lora_B. The wrapper
-        # reads lora_A.weight's dtype before lora_A runs; DeepSpeed gathers it there and makes
-        # it the wrapper's parameter too (ZeROOrderedDict.__getitem__ ->
-        # register_external_parameter), fetched and released with the wrapper.
-        a = param(rank * n_in)
-        b = param(n_out * rank)
-        return Module((a,), (base, Module(), Module((a,)), Module((b,))))
-
-    # The first layer's query, key and value projections read the embedding's output, which
-    # needs no gradient unless the embedding trains or checkpointing makes it need one
-    # (enable_input_require_grads, as the step and transformers' Trainer call it).
-    embedding_trains = method.trains is methods.Trains.ALL_WEIGHTS or spec.grad_ckpt
-
-    def layer(first: bool) -> Module:
-        norm = Module((param(hidden),))
-        grad_in = embedding_trains or not first
-        attention = Module(
-            children=(
-                linear(hidden, heads * head_dim, bias, grad_in),
-                linear(hidden, kv * head_dim, bias, grad_in),
-                linear(hidden, kv * head_dim, bias, grad_in),
-                linear(heads * head_dim, hidden),
-            )
-        )
-        post_norm = Module((param(hidden),))
-        gate = linear(hidden, inter)
-        up = linear(hidden, inter)
-        down = linear(inter, hidden)
-        mlp = Module(children=(gate, Module(), up, down))  # act_fn between gate and up
-        return Module(children=(norm, attention, post_norm, mlp))
-
-    embedding = param(vocab * hidden)
-    decoder = Module(
-        children=(
-            Module((embedding,)),
-            Module(),  # the rotary embedding
-            *(layer(i == 0) for i in range(layers)),
-            Module((param(hidden),)),
-        )
+            c.release(m, forward=call != "release-b")
+        if call == "fetch":
+            if m.saves_weight:
+                c.saving.update(m.params)
+            output = output or m is last
+            if not output:
+                forward_most = max(forward_most, c.bytes())
+        # The backward's pre-backward hooks fetch down to the last module the forward ran (the
+        # output projection), whose gradient is the first to arrive.
+        if call == "fetch-b" and not m.children and not started:
+            started = True
+            backward_start = c.bytes()
+        recomputing = recomputing or call == "fetch-r"
+        if recomputing:
+            recompute_most = max(recompute_most, c.bytes())
+    return Gathered(
+        forward=forward_most,
+        backward_start=backward_start,
+        recompute=recompute_most,
+        persistent=sum(n * item for i, (n, item) in enumerate(sizes) if i in c.persist),
     )
-    output = Module((embedding,) if tied else (param(vocab * hidden),))
-    root = Module(children=(decoder, output))
-    if lora:  # peft's PeftModelForCausalLM around its LoraModel
-        root = Module(children=(Module(children=(root,)),))
-    return sizes, root
 
 
 def gathered_bytes(spec: StepSpec, w: int, config: Mapping[str, Any] | None) -> Gathered | None:
@@ -354,4 +318,4 @@ def gathered_bytes(spec: StepSpec, w: int, config: Mapping[str, Any] | None) -> 
     sizes, root = modules_of(spec, w)
     if root is None:
         return None
-    return gathered(sizes, root, Knobs.of(config), spec.ranks)
+    return gathered(sizes, root, Knobs.of(3, config), spec.ranks)

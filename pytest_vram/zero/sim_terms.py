@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from pytest_vram import methods
+from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ZeroKnobs",
     "first_flat_slice",
     "first_reduction_slice",
+    "backward_layer_activations",
     "loss_bytes",
     "norm_temporary",
     "shape_of",
@@ -34,6 +36,8 @@ _DEFAULT_BUCKET: Final = 500_000_000
 _DEFAULT_PREFETCH: Final = 50_000_000
 _DEFAULT_MAX_LIVE: Final = 1_000_000_000
 _DEFAULT_PERSISTENCE: Final = 100_000
+_DEFAULT_REUSE: Final = 1_000_000_000
+_UNBOUNDED: Final = 2**63 - 1  # DeepSpeed's default model_persistence_threshold (sys.maxsize)
 
 
 def _number(value: Any, default: int) -> int:
@@ -54,6 +58,8 @@ class ZeroKnobs:
     prefetch_bucket_size: int = _DEFAULT_PREFETCH
     max_live_parameters: int = _DEFAULT_MAX_LIVE
     persistence_threshold: int = _DEFAULT_PERSISTENCE
+    max_reuse_distance: int = _DEFAULT_REUSE
+    model_persistence_threshold: int = _UNBOUNDED
 
     @classmethod
     def of(cls, stage: int, config: Mapping[str, Any] | None) -> ZeroKnobs:
@@ -73,6 +79,10 @@ class ZeroKnobs:
             max_live_parameters=_number(zero.get("stage3_max_live_parameters"), _DEFAULT_MAX_LIVE),
             persistence_threshold=_number(
                 zero.get("stage3_param_persistence_threshold"), _DEFAULT_PERSISTENCE
+            ),
+            max_reuse_distance=_number(zero.get("stage3_max_reuse_distance"), _DEFAULT_REUSE),
+            model_persistence_threshold=_number(
+                zero.get("stage3_model_persistence_threshold"), _UNBOUNDED
             ),
         )
 
@@ -154,3 +164,31 @@ def norm_temporary(elements: int) -> int:
     ``accumulated_grad.data.to(get_norm_dtype()).norm(2)`` makes an fp64 copy of the rank's
     slice of each reduced gradient, under offload, on the device."""
     return _NORM_ITEMSIZE * elements
+
+
+def backward_layer_activations(traced: MemoryResult, loss: int) -> int:
+    """The most activations the trace holds in backward once the loss's fp32 tensors
+    (``loss``, ``loss_bytes``) are freed: with checkpointing, a layer's recomputed forward and
+    its backward over the layers' saved inputs. Read from the trace's timeline (a decimated
+    one keeps each bucket's highest point), less the weights and buffers it holds throughout
+    (its gradients are dropped on arrival); 0 without a timeline."""
+    timeline = traced.timeline
+    if timeline is None or not loss:
+        return 0
+    fixed = traced.breakdown.param_bytes + traced.breakdown.buffer_bytes
+    phases = timeline.phases
+    most = 0
+    for i, phase in enumerate(phases):
+        if phase.name != "backward":
+            continue
+        end = phases[i + 1].start if i + 1 < len(phases) else None
+        highest, after = 0, False
+        for x, live in zip(timeline.x, timeline.live_bytes, strict=True):
+            if x < phase.start or (end is not None and x >= end):
+                continue
+            if after:
+                most = max(most, live - fixed)
+            else:
+                highest = max(highest, live)
+                after = live <= highest - loss
+    return most

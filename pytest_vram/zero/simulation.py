@@ -35,12 +35,20 @@ what DeepSpeed holds then (``sim_terms`` derives each buffer from DeepSpeed's co
 * the optimizer step: the fp32 gradient partition and AdamW's temporaries on it, on the host
   under optimizer offload (with the pinned staging buffers DeepSpeed offloads through).
 
+* ZeRO-3 with checkpointing: a layer's recompute inside backward, whose frozen weights stay
+  gathered until the backward module under way releases them; the most the coordinator
+  holds from the first recompute on, with the most activations the trace holds in backward
+  after the loss (the two can be at different layers: a bound).
+
+ZeRO-3 keeps parameters of at most ``stage3_param_persistence_threshold`` elements whole on
+every rank beside their partitions (``gather.persistent``); their gradients and optimizer
+state are partitioned like any other's.
+
 ``tests/test_zero_simulation.py`` checks the peaks and host bytes against the real engine.
-Not simulated, and said so in the result's notes: ``stage3_param_persistence_threshold``
-(parameters under it stay whole on every rank, counted neither as parameters nor gathered),
-and ZeRO-0's per-parameter step on CPU. ZeRO-3's gathering is replayed on the module tree of
-a llama-style decoder built from the model's config; a model without one falls back to the
-output projection plus the prefetch bucket at the loss. The step is traced with its
+ZeRO-3's gathering and persistence are replayed on the module tree of a llama-style decoder
+built from the model's config; a model without one falls back to the output projection plus
+the prefetch bucket at the loss, and its persistent parameters are not counted (said so in
+the result's notes), nor is ZeRO-0's per-parameter step on CPU. The step is traced with its
 parameters cast as the engine casts them (``engine.cast_as_engine``).
 """
 
@@ -240,10 +248,14 @@ def _rank(
         )
         return _Layout(_larger(*candidates, step), host)
     # ZeRO-3.
-    params = weights // n
+    fetched = gather.gathered_bytes(spec, w, traced.zero_config)
+    # Persistent parameters are partitioned like the rest (their partitions on the device even
+    # under parameter offload: Init._partition_param, ds_persist) and kept whole beside them.
+    persist = fetched.persistent if fetched is not None else 0
+    params = weights // n + persist
     if offload_param:
-        host += params
-        params = 0
+        host += (weights - persist) // n
+        params = persist // n + persist
     # grad_partitions_flat_buffer (stage3 _setup_for_real_optimizer): the rank's gradient
     # partitions in the gradients' dtype, where the optimizer is (pinned host if offloaded).
     grad_flat = w * partition
@@ -255,7 +267,6 @@ def _rank(
     # makes it whole in the model's dtype before DeepSpeed's hook copies it into the bucket
     # (reduce_independent_p_g_buckets_and_remove_grads -> __add_grad_to_ipg_bucket).
     arriving = traced.breakdown.grad_bytes
-    fetched = gather.gathered_bytes(spec, w, traced.zero_config)
     if fetched is None:
         backward_gathered, forward_gathered = _gathered_at_loss(knobs, shape, w, weights), 0
     else:
@@ -271,14 +282,25 @@ def _rank(
     # (a1), with what the coordinator holds gathered then (a prefetch that covers the model
     # holds it twice, the flat buffer and each parameter's copy).
     forward = dataclasses.replace(backward, activation_bytes=ipg + a1 + forward_gathered)
+    candidates = [backward, forward]
+    if fetched is not None and fetched.recompute:
+        # Checkpointed layers recomputed in backward: what the coordinator holds from the
+        # first recompute on, with the layers' activations there.
+        layers = terms.backward_layer_activations(traced, terms.loss_bytes(spec, shape))
+        candidates.append(
+            dataclasses.replace(backward, activation_bytes=ipg + layers + fetched.recompute)
+        )
     step = Breakdown(
-        param_bytes=params,
+        # The step partitions every parameter first, persistent ones too
+        # (DeepSpeedZeroOptimizer_Stage3.step -> _partition_all_parameters ->
+        # release_and_reset_all), and gathers the persistent ones again after (_post_step).
+        param_bytes=params - persist,
         buffer_bytes=buffers,
         grad_bytes=grad_flat + (0 if offload_opt else fp32_grads),
         optimizer_bytes=optimizer,
         activation_bytes=ipg + step_temps,
     )
-    return _Layout(_larger(backward, forward, step), host)
+    return _Layout(_larger(*candidates, step), host)
 
 
 def _ipg_bytes(knobs: terms.ZeroKnobs, w: int) -> int:
@@ -297,7 +319,7 @@ def _gathered_at_loss(knobs: terms.ZeroKnobs, shape: terms.Shape, w: int, weight
     releases only parameters not reused within ``stage3_max_reuse_distance``), and the
     backward's first modules are prefetched up to ``stage3_prefetch_bucket_size`` elements
     (``fetch_sub_module``), all within ``stage3_max_live_parameters``. Parameters under
-    ``stage3_param_persistence_threshold`` are never partitioned (not simulated)."""
+    ``stage3_param_persistence_threshold`` are never gathered."""
     output = shape.output_numel if shape.output_numel > knobs.persistence_threshold else 0
     if not shape.vocab:
         return 0
@@ -328,10 +350,11 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
         f"simulated ZeRO-{spec.zero} layout over {spec.ranks} rank{'s' * (spec.ranks != 1)}: "
         "parameters, gradients and optimizer state as DeepSpeed partitions them; the traced "
         "forward and backward plus the reduction buckets, offload staging buffers and "
-        "ZeRO-3's gathered parameters (its coordinator replayed), or the optimizer step on "
-        "the rank's partition, whichever holds more; stage3_param_persistence_threshold not "
-        "counted"
+        "ZeRO-3's gathered and persistent parameters (its coordinator replayed), or the "
+        "optimizer step on the rank's partition, whichever holds more"
     )
+    if spec.zero == 3 and gather.modules_of(spec, 2)[1] is None:
+        note += "; stage3_param_persistence_threshold not counted (the model's modules unknown)"
     ranks = tuple(
         dataclasses.replace(
             traced,
