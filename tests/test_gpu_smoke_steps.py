@@ -148,13 +148,19 @@ def test_xdist_step_wants_exit_4_naming_the_workers(
 def test_nvml_and_recheck_steps_read_the_json_report(
     ctx: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    predicted = {"nvml_bytes": 2**28 + 2**26, "device": "NVIDIA H100: ..."}
     canned(
         monkeypatch,
+        ran(0, cases_=[cuda_case(peak_source="nvml", peak_bytes=2**28, prediction=predicted)]),
         ran(0, cases_=[cuda_case(peak_source="nvml")]),
         ran(0, cases_=[cuda_case()]),
         ran(0, cases_=[{**cuda_case(), "result": {"meter": "host"}}]),
     )
-    assert smoke.step_nvml(ctx)[0] == "pass"
+    status, detail = smoke.step_nvml(ctx)
+    assert status == "pass"
+    assert "nvml predicted 320 MiB, measured 256 MiB (NVIDIA H100: ...)" in detail
+    no_prediction = "passed but its prediction has no nvml_bytes: [{}]"
+    assert smoke.step_nvml(ctx) == ("fail", no_prediction)
     not_nvml = "passed but its peak_source is ['reserved'], not nvml"
     assert smoke.step_nvml(ctx) == ("fail", not_nvml)
     host = "the case: passed but the JSON report's meters are ['host']"
