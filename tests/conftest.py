@@ -156,6 +156,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _torch_extensions_under_the_real_home() -> Iterator[None]:
+    """pytester points HOME at each test's directory, and torch JIT-builds extensions under
+    HOME's cache: a pytester run that starts DeepSpeed (ZeRO cases, ranks), or the worker
+    server started inside one, would rebuild DeepSpeed's ops (about 50 s) instead of loading
+    those ``pytest-vram build-ops`` built. Exported for the session: the directory torch picks
+    under the real HOME."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        yield
+        return
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch's own rule for the folder it adds when the variable is unset.
+    if torch.version.hip is not None:
+        accelerator = "rocm" + torch.version.hip.replace(".", "")
+    elif torch.version.cuda is not None:
+        accelerator = "cu" + torch.version.cuda.replace(".", "")
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(
+            "TORCH_EXTENSIONS_DIR",
+            os.path.join(get_default_build_root(), f"{python}_{accelerator}"),
+        )
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _share_the_cores_among_xdist_workers() -> None:
+    """Steps run in this process (``run_step``, ``pytest_vram.measure``) take this worker's share
+    of the cores, as the plugin gives each case child: torch's default, a spinning thread per
+    core in every xdist worker, made them several times slower under ``-n``."""
+    from pytest_vram.processes import share_cores
+
+    share_cores(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+
+
 @pytest.fixture(autouse=True)
 def _release_cuda_cache() -> Iterator[None]:
     """After a test that used CUDA here, hand its cached blocks back to the driver."""

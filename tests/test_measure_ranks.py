@@ -162,9 +162,11 @@ def test_a_hanging_rank_is_killed_at_the_timeout_with_its_peers(
         )
     )
     started = time.monotonic()
-    result = vram_project.run("--vram-timeout", "60")
+    # Long enough for both ranks to start their group and note their pids on a loaded machine,
+    # far below rank 1's 300 s sleep.
+    result = vram_project.run("--vram-timeout", "15")
     result.assert_outcomes(failed=1)
-    assert "timed out after 60 s (--vram-timeout), killed" in output(result)
+    assert "timed out after 15 s (--vram-timeout), killed" in output(result)
     assert time.monotonic() - started < 240
     # No rank outlives its case (an orphan the OS has not reaped yet is gone all the same).
     assert_gone({f"rank{r}": int(t) for r, t in enumerate(ranks_on_disk(vram_project, "pid", 2))})

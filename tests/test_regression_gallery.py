@@ -3,8 +3,8 @@ with a message that names what moved.
 
 Each bug of ``suites/regressions/`` is planted with ``--vram-import`` in the worker children of
 a run of the tests that must catch it (``Plant.ci``), against the committed host baselines;
-the same tests run once without a plant and pass. The whole suite files, the fake meter at real
-size and the score are ``benchmarks/regression_gallery.py``'s.
+the same tests run once without a plant, file by file, and pass. The whole suite files, the
+fake meter at real size and the score are ``benchmarks/regression_gallery.py``'s.
 
 The suite files are copied under other names (``test_zero.py`` -> ``test_zero_planted.py``,
 with their baseline files): the session running this file may have imported the shipped
@@ -84,8 +84,13 @@ def failures(result: pytest.RunResult) -> dict[str, str]:
     return {r.nodeid: r.longreprtext for r in reports}
 
 
-def test_the_gallery_tests_pass_without_a_plant(pytester: pytest.Pytester) -> None:
-    nodeids = sorted({n for plant in PLANTS for n in plant.ci})
+CLEAN = sorted({n for plant in PLANTS for n in plant.ci})
+
+
+# One test per suite file, so that xdist can spread the clean runs over its workers.
+@pytest.mark.parametrize("path", sorted({n.partition("::")[0] for n in CLEAN}))
+def test_the_gallery_tests_pass_without_a_plant(pytester: pytest.Pytester, path: str) -> None:
+    nodeids = [n for n in CLEAN if n.partition("::")[0] == path]
     project(pytester, nodeids)
     result = run(pytester, nodeids)
     assert failures(result) == {}, output(result)
