@@ -113,7 +113,7 @@ ROWS = [
         2.9,
         lambda: qwen_32b_h100("both"),
         qwen_32b_h100_ds("both"),
-        note="DS: 4 x largest layer (gathered); ours: activations at the loss, where none is",
+        note="DS: 4 x largest layer (gathered); ours adds the step's activations to what the coordinator holds",
         kind="estimate",
     ),
     Row(

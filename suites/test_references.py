@@ -150,7 +150,7 @@ def test_llama_factory_8_gpu_orderings_hold_on_every_rank(vram, model: str) -> N
     parameters and optimizer state can only move device memory to the host, which the
     simulation does and a correct engine does (``suites/test_zero.py`` checks the real one).
     The article's 32B pair breaks the third (188.8 GB with offload, 75.42 without). Ours puts
-    the offloaded run at 190.7 GB as nvidia-smi would sum it (1% from the article) and the
+    the offloaded run at 191.0 GB as nvidia-smi would sum it (1.2% from the article) and the
     other higher still: every rank holds the packed 4-bit weights gathered until the backward,
     which offload does not move (the test below). Where LoRA 4-bit sits against freeze depends
     on the model's size."""
