@@ -282,18 +282,11 @@ def step_nvml(ctx: Context) -> Outcome:
     sources = {(c.get("result") or {}).get("peak_source") for c in r.cases}
     if status == "pass" and sources != {"nvml"}:
         return "fail", f"passed but its peak_source is {sorted(map(str, sources))}, not nvml"
-    # --gpu traces each case on the fake meter too: the device profile's nvml beside NVML's.
-    predicted = [((c.get("result") or {}).get("prediction") or {}) for c in r.cases]
-    if status == "pass" and not all(p.get("nvml_bytes") for p in predicted):
-        return "fail", f"passed but its prediction has no nvml_bytes: {predicted}"
+    missing, compared = cases.nvml_prediction(r.cases)
+    if status == "pass" and missing:
+        return "fail", f"passed but {missing}"
     notes = [n for c in r.cases for n in c.get("notes", [])]
-    errors = [
-        f"nvml predicted {p['nvml_bytes'] / 2**20:,.0f} MiB, measured "
-        f"{c['result']['peak_bytes'] / 2**20:,.0f} MiB ({p.get('device', '')})"
-        for c, p in zip(r.cases, predicted, strict=True)
-        if p.get("nvml_bytes") and (c.get("result") or {}).get("peak_bytes")
-    ]
-    extra = "".join(f"; {e}" for e in errors[:1])
+    extra = f"; {compared}" if compared else ""
     return status, detail + extra + (f"; note: {one_line(notes[0], 120)}" if notes else "")
 
 

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -223,6 +224,22 @@ def junit_counts(path: Path) -> dict[str, str]:
     except (OSError, ET.ParseError, StopIteration):
         return {}
     return {k: suite.get(k, "?") for k in ("tests", "failures", "errors", "skipped")}
+
+
+def nvml_prediction(found: Sequence[dict[str, Any]]) -> tuple[str | None, str]:
+    """``--gpu`` traces each case on the fake meter too: the device profile's nvml beside
+    NVML's. (what is missing, or None; the first case's predicted and measured figures)."""
+    predicted = [((c.get("result") or {}).get("prediction") or {}) for c in found]
+    missing = None
+    if not all(p.get("nvml_bytes") for p in predicted):
+        missing = f"its prediction has no nvml_bytes: {predicted}"
+    compared = [
+        f"nvml predicted {p['nvml_bytes'] / 2**20:,.0f} MiB, measured "
+        f"{c['result']['peak_bytes'] / 2**20:,.0f} MiB ({p.get('device', '')})"
+        for c, p in zip(found, predicted, strict=True)
+        if p.get("nvml_bytes") and (c.get("result") or {}).get("peak_bytes")
+    ]
+    return missing, compared[0] if compared else ""
 
 
 def gib(nbytes: int | None) -> str:
