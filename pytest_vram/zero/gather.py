@@ -21,11 +21,7 @@ from pytest_vram.spec import StepSpec
 from pytest_vram.zero.modules import Module, modules_of
 from pytest_vram.zero.sim_terms import ZeroKnobs
 
-__all__ = ["Gathered", "Knobs", "Module", "gathered", "gathered_bytes", "modules_of", "persistent"]
-
-# The coordinator's settings (stage3_prefetch_bucket_size, stage3_max_live_parameters,
-# stage3_max_reuse_distance, the persistence thresholds), read as the simulation reads them.
-Knobs = ZeroKnobs
+__all__ = ["Gathered", "Module", "gathered", "gathered_bytes", "modules_of", "persistent"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +38,7 @@ class Gathered:
     persistent: int = 0
 
 
-def persistent(sizes: Sequence[tuple[int, int]], knobs: Knobs) -> set[int]:
+def persistent(sizes: Sequence[tuple[int, int]], knobs: ZeroKnobs) -> set[int]:
     """The parameters DeepSpeed keeps whole on every rank
     (``DeepSpeedZeRoOffload.mark_persistent_parameters``): at most
     ``stage3_param_persistence_threshold`` elements each, in the model's order, while their
@@ -73,7 +69,11 @@ class _Handle:
 
 class _Coordinator:
     def __init__(
-        self, sizes: Sequence[tuple[int, int]], order: Sequence[Module], knobs: Knobs, ranks: int
+        self,
+        sizes: Sequence[tuple[int, int]],
+        order: Sequence[Module],
+        knobs: ZeroKnobs,
+        ranks: int,
     ):
         self.sizes = sizes
         self.order = order
@@ -272,7 +272,9 @@ def _steps(model: Module) -> list[tuple[str, Module]]:
     return calls
 
 
-def gathered(sizes: Sequence[tuple[int, int]], model: Module, knobs: Knobs, ranks: int) -> Gathered:
+def gathered(
+    sizes: Sequence[tuple[int, int]], model: Module, knobs: ZeroKnobs, ranks: int
+) -> Gathered:
     """Replay the coordinator over a step whose trace was recorded the step before, as every
     step after the second is. ``sizes``: each parameter's elements and bytes per element;
     ``model``: the root module."""
@@ -318,4 +320,4 @@ def gathered_bytes(spec: StepSpec, w: int, config: Mapping[str, Any] | None) -> 
     sizes, root = modules_of(spec, w)
     if root is None:
         return None
-    return gathered(sizes, root, Knobs.of(3, config), spec.ranks)
+    return gathered(sizes, root, ZeroKnobs.of(3, config), spec.ranks)
