@@ -16,7 +16,8 @@ import torch
 from pytest_vram import StepSpec
 from pytest_vram.errors import SpecError
 from pytest_vram.meters.fake import FakeMeter
-from pytest_vram.meters.host import HostMeter, StorageLedger, _Watch
+from pytest_vram.meters.host import HostMeter, StorageLedger
+from pytest_vram.meters.watch import Watch
 from pytest_vram.methods import OPTIMIZERS
 from pytest_vram.methods.optim import IMPLEMENTATIONS
 from pytest_vram.step import run_step
@@ -35,7 +36,7 @@ def _step_temporaries(optimizer: torch.optim.Optimizer, params: list[torch.Tenso
     with the state made by the first."""
     optimizer.step()
     ledger = StorageLedger()
-    with _Watch(ledger):
+    with Watch(ledger):
         for p in params:
             ledger.track(p)
             ledger.track(p.grad)  # type: ignore[arg-type]

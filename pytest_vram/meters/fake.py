@@ -100,6 +100,30 @@ class _Ramps:
         return self.holds_ramp(t) and t.dim() > 0 and (t.stride(-1) == 1 or t.size(-1) == 1)
 
 
+class _Inert:
+    """Operators that allocate nothing and return nothing: torch's in-place foreach ops
+    (``_foreach_mul_``, ``_foreach_addcdiv_``), an optimizer's whole update. On fake tensors
+    they change no size, and FakeTensorMode runs them one tensor at a time to check shapes the
+    optimizer made equal: most of a traced optimizer step. Their version-counter bump is made
+    before any dispatch mode sees the op. They still run on tensors whose value fake mode
+    follows (an optimizer's step count, read back as a number)."""
+
+    def __init__(self) -> None:
+        self._inert: dict[Any, bool] = {}
+
+    def __call__(self, func: Any, args: tuple[Any, ...]) -> bool:
+        inert = self._inert.get(func)
+        if inert is None:
+            schema = func._schema
+            name = schema.name
+            inert = self._inert[func] = (
+                name.startswith("aten::_foreach_") and name.endswith("_") and not schema.returns
+            )
+        return inert and not any(
+            isinstance(t, FakeTensor) and t.constant is not None for t in args[0]
+        )
+
+
 def _is_scalar(x: object) -> bool:
     return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.dim() == 0)
 
@@ -130,6 +154,7 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
         # converts them when they are used, and the ledger counts them as the host meter does.
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self._ramps = _Ramps()
+        self._inert = _Inert()
         self._restore: list[Callable[[], None]] = []
         self._replay: Replay | None = None
         self._steps = StepReplay(self._host)
@@ -186,7 +211,7 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
         self._patch(masking_utils, "find_packed_sequence_indices", find_packed_sequence_indices)
         # The fake mode sits below the ledger: the ledger sees each op, then fake runs it.
         self._fake.__enter__()
-        self._host.observe(self._ramps)
+        self._host.observe(self._ramps, self._inert)
         self._host.__enter__()
         return self
 

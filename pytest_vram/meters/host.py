@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, final
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_vram.meters import imports
 from pytest_vram.meters.base import (
@@ -28,6 +27,7 @@ from pytest_vram.meters.base import (
 )
 from pytest_vram.meters.events import ALLOC, FREE, EventLog
 from pytest_vram.meters.memory_viz import snapshot_filename, write_snapshot
+from pytest_vram.meters.watch import Inert, OpObserver, Watch
 from pytest_vram.result import Breakdown, StepMeasure
 from pytest_vram.timeline import Timeline
 
@@ -234,58 +234,6 @@ def classify(peak_live: dict[int, int], sids: dict[str, set[int]]) -> Breakdown:
     )
 
 
-_LIFT_FRESH = torch.ops.aten.lift_fresh.default
-
-
-# Called with (func, args, kwargs, out) after each op the ledger sees: the fake meter follows
-# position ids through it, without a dispatch mode of its own (each mode costs every op).
-OpObserver = Callable[[Any, tuple[Any, ...], dict[str, Any], Any], None]
-
-
-class _Watch(TorchDispatchMode):
-    def __init__(self, ledger: StorageLedger) -> None:
-        super().__init__()
-        self.ledger = ledger
-        self.observer: OpObserver | None = None
-        self.paused = False  # ops run unseen (tensors the ledger will adopt)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if self.paused:
-            return func(*args, **(kwargs or {}))
-        ledger = self.ledger
-        ledger.events.ops += 1
-        if func is _LIFT_FRESH:
-            # torch.tensor(data): the data is the tensor, or under FakeTensorMode its fake copy,
-            # and only that copy counts.
-            out = func(*args, **(kwargs or {}))
-            ledger.track(out)
-            return out
-        # Inputs too: a tensor made outside any op (from_numpy, unpickled) counts once it is used.
-        _walk(args, ledger.seen)
-        if kwargs:
-            _walk(tuple(kwargs.values()), ledger.seen)
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not func.is_view:  # a view's storage is its input's, just seen
-            _walk(out, ledger.track)
-        if self.observer is not None:
-            self.observer(func, args, kwargs, out)
-        return out
-
-
-def _walk(obj: Any, track: Callable[[torch.Tensor], object]) -> None:
-    """Tensors in op arguments and results: plain tensors, lists and tuples of them. Hand-written
-    because pytree's general walk was most of the meter's overhead."""
-    if isinstance(obj, torch.Tensor):
-        track(obj)
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            if isinstance(item, torch.Tensor):
-                track(item)
-            elif isinstance(item, (list, tuple)):
-                _walk(item, track)
-
-
 @final
 class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
     """Exact live tensor bytes on the CPU; deterministic for a given spec and seed."""
@@ -300,7 +248,7 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
         self.snapshot_path: str | None = None  # the snapshot written by the last exit
         # A snapshot shows who allocated each block: the stacks are recorded only for one.
         self.ledger = StorageLedger(EventLog(frames=snapshot_dir is not None))
-        self._mode = _Watch(self.ledger)
+        self._mode = Watch(self.ledger)
         self._orig_resize: Callable[..., Any] | None = None
         self._noted: dict[str, set[int]] = {}
         # What a module first imported inside runs in (meters.imports).
@@ -324,9 +272,15 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
         """Storage ids ``note`` was given this step, by role."""
         return self._noted
 
-    def observe(self, observer: OpObserver | None) -> None:
-        """Call ``observer`` after each op the ledger sees (None: stop)."""
+    def observe(
+        self,
+        observer: OpObserver | None,
+        inert: Inert | None = None,
+    ) -> None:
+        """Call ``observer`` after each op the ledger sees, and skip the ``inert`` ones (None:
+        stop)."""
         self._mode.observer = observer
+        self._mode.inert = inert
 
     def __enter__(self) -> HostMeter:
         # Storage.resize_ does not go through dispatch (torch's MemTracker patches it the same way).

@@ -124,9 +124,16 @@ def _larger(*candidates: Breakdown) -> Breakdown:
 
 
 def _rank(
-    spec: StepSpec, state: ZeroState, traced: MemoryResult, rank: int, shape: terms.Shape
+    spec: StepSpec,
+    state: ZeroState,
+    traced: MemoryResult,
+    rank: int,
+    shape: terms.Shape,
+    fetched: gather.Gathered | None,
 ) -> _Layout:
-    """One rank's breakdown and the bytes it offloads to host memory."""
+    """One rank's breakdown and the bytes it offloads to host memory. ``fetched``: what
+    ZeRO-3's coordinator holds gathered, the same on every rank (None for another stage, or a
+    model whose modules are not known)."""
     assert spec.zero is not None
     n, w = spec.ranks, _WEIGHT_BYTES[spec.precision]
     psi = traced.trainable_params
@@ -248,7 +255,6 @@ def _rank(
         )
         return _Layout(_larger(*candidates, step), host)
     # ZeRO-3.
-    fetched = gather.gathered_bytes(spec, w, traced.zero_config)
     # Persistent parameters are partitioned like the rest (their partitions on the device even
     # under parameter offload: Init._partition_param, ds_persist) and kept whole beside them.
     persist = fetched.persistent if fetched is not None else 0
@@ -345,7 +351,13 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
     if state is None or spec.precision not in _WEIGHT_BYTES:
         raise ValueError(f"no simulated ZeRO layout for {spec.optimizer} {spec.precision}")
     shape = terms.shape_of(spec)
-    layouts = [_rank(spec, state, traced, r, shape) for r in range(spec.ranks)]
+    # The coordinator's replay is the costly part of a rank, and every rank replays the same
+    # module tree and prefetch budget: it runs once.
+    fetched = None
+    if spec.zero == 3:
+        w = _WEIGHT_BYTES[spec.precision]
+        fetched = gather.gathered_bytes(spec, w, traced.zero_config)
+    layouts = [_rank(spec, state, traced, r, shape, fetched) for r in range(spec.ranks)]
     note = (
         f"simulated ZeRO-{spec.zero} layout over {spec.ranks} rank{'s' * (spec.ranks != 1)}: "
         "parameters, gradients and optimizer state as DeepSpeed partitions them; the traced "
@@ -353,7 +365,7 @@ def simulate(traced: MemoryResult, spec: StepSpec) -> MemoryResult:
         "ZeRO-3's gathered and persistent parameters (its coordinator replayed), or the "
         "optimizer step on the rank's partition, whichever holds more"
     )
-    if spec.zero == 3 and gather.modules_of(spec, 2)[1] is None:
+    if spec.zero == 3 and fetched is None:
         note += "; stage3_param_persistence_threshold not counted (the model's modules unknown)"
     ranks = tuple(
         dataclasses.replace(

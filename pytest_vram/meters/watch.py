@@ -1,0 +1,80 @@
+"""The dispatch mode under which a storage ledger sees every op: each storage an op reads or
+makes is handed to the ledger, and the fake meter's observers see the op after it ran."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from pytest_vram.meters.host import StorageLedger
+
+__all__ = ["Inert", "OpObserver", "Watch"]
+
+# Called with (func, args) before an op runs: True where the op need not run at all.
+Inert = Callable[[Any, tuple[Any, ...]], bool]
+
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
+_DEVICE = torch.ops.prim.device.default
+
+
+# Called with (func, args, kwargs, out) after each op the ledger sees: the fake meter follows
+# position ids through it, without a dispatch mode of its own (each mode costs every op).
+OpObserver = Callable[[Any, tuple[Any, ...], dict[str, Any], Any], None]
+
+
+class Watch(TorchDispatchMode):
+    def __init__(self, ledger: StorageLedger) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.observer: OpObserver | None = None
+        self.paused = False  # ops run unseen (tensors the ledger will adopt)
+        # Ops that need not run: on fake tensors, those that make and return nothing.
+        self.inert: Inert | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is _DEVICE:
+            # A fake tensor's device, asked through dispatch (a real one answers in C++; the
+            # autograd engine asks for each gradient): no storage is involved.
+            device = getattr(args[0], "fake_device", None)
+            if device is not None:
+                return device
+        if self.paused:
+            return func(*args, **(kwargs or {}))
+        ledger = self.ledger
+        ledger.events.ops += 1
+        if func is _LIFT_FRESH:
+            # torch.tensor(data): the data is the tensor, or under FakeTensorMode its fake copy,
+            # and only that copy counts.
+            out = func(*args, **(kwargs or {}))
+            ledger.track(out)
+            return out
+        # Inputs too: a tensor made outside any op (from_numpy, unpickled) counts once it is used.
+        _walk(args, ledger.seen)
+        if kwargs:
+            _walk(tuple(kwargs.values()), ledger.seen)
+        if self.inert is not None and self.inert(func, args):
+            return None
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not func.is_view:  # a view's storage is its input's, just seen
+            _walk(out, ledger.track)
+        if self.observer is not None:
+            self.observer(func, args, kwargs, out)
+        return out
+
+
+def _walk(obj: Any, track: Callable[[torch.Tensor], object]) -> None:
+    """Tensors in op arguments and results: plain tensors, lists and tuples of them. Hand-written
+    because pytree's general walk was most of the meter's overhead."""
+    if isinstance(obj, torch.Tensor):
+        track(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, torch.Tensor):
+                track(item)
+            elif isinstance(item, (list, tuple)):
+                _walk(item, track)
