@@ -134,6 +134,31 @@ def test_only_ramps_count_as_unpacked_positions() -> None:
     assert torch.utils.swap_tensors.__module__ == "torch.utils"
 
 
+def test_only_in_place_foreach_ops_on_untracked_values_skip_fake_mode() -> None:
+    """An optimizer's in-place foreach update allocates nothing and is not run; what allocates
+    (``_foreach_sqrt``), what is not foreach, and a step count whose value fake mode follows
+    (read back by Adam's bias correction) still run."""
+    from pytest_vram.meters.fake import _Inert
+
+    inert = _Inert()
+    aten = torch.ops.aten
+    with FakeMeter():
+        weights = [torch.empty(4, 4), torch.empty(3)]
+        steps = [torch.tensor(0.0), torch.tensor(0.0)]
+        assert steps[0].constant is not None  # type: ignore[attr-defined]
+        assert inert(aten._foreach_mul_.Scalar, (weights, 0.5))
+        assert inert(aten._foreach_addcdiv_.Scalar, (weights, weights, weights, 1.0))
+        assert not inert(aten._foreach_sqrt.default, (weights,))
+        assert not inert(aten.mul_.Tensor, (weights[0], weights[0]))
+        assert not inert(aten._foreach_add_.Scalar, (steps, 1))
+        params = [torch.nn.Parameter(torch.empty(8, 8))]
+        adam = torch.optim.AdamW(params, foreach=True)
+        for _ in range(2):
+            params[0].grad = torch.empty(8, 8)
+            adam.step()
+        assert adam.state[params[0]]["step"].item() == 2
+
+
 def test_llama_7b_model_states_without_weights() -> None:
     """LLaMA-7B, pure bf16 AdamW: 2 bytes per parameter for weights and gradients, 4 for the
     two moments, plus a 4-byte step counter per tensor; nothing is allocated for real."""
