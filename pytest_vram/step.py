@@ -23,7 +23,7 @@ from torch.optim.optimizer import (
 )
 
 from pytest_vram import errors, methods, stages
-from pytest_vram.meters.base import MemorySnapshots, Meter, RepeatsSteps, Roles
+from pytest_vram.meters.base import MemorySnapshots, Meter, RepeatsLayers, RepeatsSteps, Roles
 from pytest_vram.result import MemoryResult, StepMeasure
 from pytest_vram.spec import StepSpec
 
@@ -324,6 +324,8 @@ def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) ->
             and opt.repeats_backward
             else None
         )
+        if replays is not None and isinstance(meter, RepeatsLayers):
+            meter.repeat_layers(model)
         for step in range(1, spec.steps + 1):
             meter.step_begin()
             phases.step = step

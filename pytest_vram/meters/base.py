@@ -26,6 +26,7 @@ __all__ = [
     "HostOffloadTagging",
     "Meter",
     "MemorySnapshots",
+    "RepeatsLayers",
     "RepeatsSteps",
     "Roles",
 ]
@@ -139,6 +140,16 @@ class RepeatsSteps(Protocol):
 
     def replayed_step_end(self) -> None:
         """After the replayed step's ``zero_grad``: release what its loss and inputs held."""
+        ...
+
+
+@runtime_checkable
+class RepeatsLayers(Protocol):
+    """A meter that replays a model's repeated decoder layers from the first of each kind
+    (``meters.layers``) instead of running them, where that layer proves it can."""
+
+    def repeat_layers(self, model: torch.nn.Module) -> None:
+        """Before the first step: the model whose layers may be replayed until the meter exits."""
         ...
 
 

@@ -67,15 +67,30 @@ class EventLog:
         self.live_bytes.append(live_bytes)
         self.stack.append(self._capture(sys._getframe(1)) if self.frames else -1)
 
-    def add_replayed(self, index: int, sid: int, live_bytes: int, op: int) -> None:
-        """Event ``index`` again, for storage ``sid`` at operator ``op``: a step the fake meter
-        replays from an earlier one, with that one's stack."""
-        self.kind.append(self.kind[index])
+    def add_replayed(
+        self, index: int, sid: int, live_bytes: int, op: int, source: EventLog | None = None
+    ) -> None:
+        """Event ``index`` of ``source`` (this log by default) again, for storage ``sid`` at
+        operator ``op``: a step or layer the fake meter replays from an earlier one, with that
+        one's stack."""
+        log = self if source is None else source
+        self.kind.append(log.kind[index])
         self.sid.append(sid)
-        self.nbytes.append(self.nbytes[index])
+        self.nbytes.append(log.nbytes[index])
         self.op.append(op)
         self.live_bytes.append(live_bytes)
-        self.stack.append(self.stack[index])
+        stack = log.stack[index]
+        if log is not self and stack >= 0:
+            stack = self._intern(log._stacks[stack]) if self.frames else -1
+        self.stack.append(stack)
+
+    def _intern(self, codes: tuple[tuple[CodeType, int], ...]) -> int:
+        flat = tuple(x for code, offset in codes for x in (id(code), offset))
+        found = self._stack_ids.get(flat)
+        if found is None:
+            found = self._stack_ids[flat] = len(self._stacks)
+            self._stacks.append(codes)
+        return found
 
     def phase(self, name: str, step: int) -> None:
         # The phase's first operator is the next one: events at ``self.ops`` came from the

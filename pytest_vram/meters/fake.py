@@ -49,8 +49,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 from pytest_vram.allocator import AllocatorConfig, Replay
 from pytest_vram.errors import Unsupported
 from pytest_vram.meters import limits
-from pytest_vram.meters.base import FIXED_FINGERPRINTS, MemorySnapshots, Meter, RepeatsSteps, Roles
+from pytest_vram.meters.base import (
+    FIXED_FINGERPRINTS,
+    MemorySnapshots,
+    Meter,
+    RepeatsLayers,
+    RepeatsSteps,
+    Roles,
+)
 from pytest_vram.meters.host import HostMeter, StorageLedger
+from pytest_vram.meters.layers import LayerReplay
 from pytest_vram.meters.repeat import StepReplay
 from pytest_vram.result import StepMeasure
 from pytest_vram.timeline import Timeline
@@ -139,7 +147,7 @@ def _forget(t: torch.Tensor) -> None:
 
 
 @final
-class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
+class FakeMeter(Meter, MemorySnapshots, RepeatsSteps, RepeatsLayers):
     """The host meter's counts for a step whose tensors hold no data."""
 
     name = "fake"
@@ -148,8 +156,12 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
     # The DeepSpeed engine does not run under FakeTensorMode.
     simulates_zero = True
 
-    def __init__(self, snapshot_dir: str | None = None) -> None:
+    def __init__(self, snapshot_dir: str | None = None, *, replay_layers: bool = True) -> None:
+        """``replay_layers``: replay repeated decoder layers (``meters.layers``); off, every
+        layer is traced (the tests compare the two)."""
         self._host = HostMeter(snapshot_dir)
+        self._replay_layers = replay_layers
+        self._layers: LayerReplay | None = None
         # Libraries keep module-level real tensors (bitsandbytes' quantization map): fake mode
         # converts them when they are used, and the ledger counts them as the host meter does.
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -220,7 +232,19 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps):
         setattr(owner, name, new)
         self._restore.append(lambda: setattr(owner, name, old))
 
+    def repeat_layers(self, model: torch.nn.Module) -> None:
+        if self._replay_layers:
+            self._layers = LayerReplay(self._host)
+            self._layers.install(model)
+
+    @property
+    def replayed_layers(self) -> int:
+        """Decoder layer calls replayed from a traced one, not traced."""
+        return 0 if self._layers is None else self._layers.replayed
+
     def __exit__(self, *exc: object) -> None:
+        if self._layers is not None:
+            self._layers.restore()
         self._host.__exit__(*exc)
         self._host.observe(None)
         self._fake.__exit__(None, None, None)

@@ -44,6 +44,7 @@ class StorageLedger:
         # keeps one Python object per live storage, whose weakref callback fires when it dies.
         self._sid_of: dict[int, int] = {}
         self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+        self._released: set[int] = set()  # freed by a replay before their tensors died
         self._live: dict[int, int] = {}  # storage id -> bytes
         self._ids = itertools.count()
         self.live_bytes = 0
@@ -59,6 +60,9 @@ class StorageLedger:
         self.host_bytes = 0
         self.host_peak_bytes = 0
         self.host_scope = False  # new storages are host memory (an offloaded optimizer step)
+        # Storages another ledger counts (a layer probe's: meters.layers): known here, and
+        # never counted or logged.
+        self.outside: dict[int, int] | None = None
 
     def track(self, t: torch.Tensor) -> int | None:
         """Register ``t``'s storage if new; re-read its size (an ``out=`` op may resize it).
@@ -68,7 +72,7 @@ class StorageLedger:
         sid = self._sid_of.get(st._cdata)
         if sid is None:
             return None if t.is_meta else self._register(st)
-        if st.nbytes() != self._live.get(sid, self._host.get(sid)):
+        if st.nbytes() != self._live.get(sid, self._host.get(sid)) and sid not in self._released:
             self.resized(st)
         return sid
 
@@ -83,8 +87,15 @@ class StorageLedger:
         sid = next(self._ids)
         self._sid_of[key] = sid
         self._refs[sid] = weakref.ref(st, self._freed_callback(sid, key))
-        self._grow(sid, st.nbytes())
+        if self.outside is not None and key in self.outside:
+            self._live[sid] = st.nbytes()
+        else:
+            self._grow(sid, st.nbytes())
         return sid
+
+    def known(self) -> dict[int, int]:
+        """The storages this ledger knows (read as ``outside`` by another)."""
+        return self._sid_of
 
     def resized(self, st: torch.UntypedStorage) -> None:
         sid = self._sid_of.get(st._cdata)
@@ -113,7 +124,9 @@ class StorageLedger:
     def _freed_callback(self, sid: int, key: int) -> Callable[[Any], None]:
         def freed(_ref: Any) -> None:
             if not self.closed:
-                if sid in self._host:
+                if sid in self._released:
+                    self._released.discard(sid)
+                elif sid in self._host:
                     self.host_bytes -= self._host.pop(sid)
                 else:
                     self._snapshot_if_pending()
@@ -129,22 +142,27 @@ class StorageLedger:
     # A step replayed from an earlier one (``meters.repeat``): its storages exist only here,
     # until ``adopt`` gives one a real tensor.
 
-    def replay_alloc(self, index: int, op: int, sid: int | None = None) -> int:
-        """Allocation event ``index`` again at operator ``op``: a new storage, or ``sid`` at
-        its new size (a resize); the storage's id."""
+    def replay_alloc(
+        self, index: int, op: int, sid: int | None = None, log: EventLog | None = None
+    ) -> int:
+        """Allocation event ``index`` of ``log`` (this ledger's by default) again at operator
+        ``op``: a new storage, or ``sid`` at its new size (a resize); the storage's id."""
         sid = next(self._ids) if sid is None else sid
-        nbytes = self.events.nbytes[index]
+        nbytes = (self.events if log is None else log).nbytes[index]
         self._live[sid] = nbytes
         self.live_bytes += nbytes
-        self.events.add_replayed(index, sid, self.live_bytes, op)
+        self.events.add_replayed(index, sid, self.live_bytes, op, log)
         self._note_peak()
         return sid
 
-    def replay_free(self, index: int, sid: int, op: int) -> None:
-        """Free event ``index`` again, of replayed storage ``sid``, at operator ``op``."""
+    def replay_free(self, index: int, sid: int, op: int, log: EventLog | None = None) -> None:
+        """Free event ``index`` of ``log`` again, of storage ``sid``, at operator ``op``. A
+        storage a real tensor still holds is released: its real free later is not counted."""
         self._snapshot_if_pending()
         self.live_bytes -= self._live.pop(sid)
-        self.events.add_replayed(index, sid, self.live_bytes, op)
+        self.events.add_replayed(index, sid, self.live_bytes, op, log)
+        if sid in self._refs:
+            self._released.add(sid)
 
     def adopt(self, t: torch.Tensor, sid: int) -> None:
         """``t``, made while the ledger was paused, is replayed storage ``sid``: its free is
@@ -271,6 +289,15 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
     def noted(self) -> dict[str, set[int]]:
         """Storage ids ``note`` was given this step, by role."""
         return self._noted
+
+    @contextlib.contextmanager
+    def recording_into(self, ledger: StorageLedger) -> Iterator[None]:
+        """Ops inside are seen by ``ledger`` instead: a layer's probe (``meters.layers``)."""
+        was, self._mode.ledger = self._mode.ledger, ledger
+        try:
+            yield
+        finally:
+            self._mode.ledger = was
 
     def observe(
         self,

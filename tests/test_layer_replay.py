@@ -1,0 +1,150 @@
+"""The fake meter replays repeated decoder layers from the first of each kind
+(``meters.layers``): the same numbers as tracing every layer, for fewer dispatched operators.
+
+Each case is held to two references: the host meter, which runs every layer of a tiny model
+for real, and the fake meter itself with layer replay turned off, event for event, on a
+real-size model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from pytest_vram import StepSpec, methods
+from pytest_vram.meters.fake import FakeMeter
+from pytest_vram.meters.host import HostMeter
+from pytest_vram.meters.layers import repeated_layers
+from pytest_vram.methods.full import Full
+from pytest_vram.result import MemoryResult
+from pytest_vram.step import run_step
+
+pytest.importorskip("peft")
+
+CASES = [
+    {"method": "full"},
+    {"method": "full", "grad_ckpt": True, "steps": 3},
+    {"method": "full", "precision": "fp32", "attention": "eager"},
+    {"method": "freeze", "method_options": {"trainable_layers": 1}},
+    {"method": "lora"},
+    {"method": "lora", "grad_ckpt": True},
+    {"method": "lora", "stage": "dpo"},
+    {"method": "qlora", "grad_ckpt": True},
+    {"method": "full", "optimizer": "galore-adamw"},
+]
+
+
+def _numbers(result: MemoryResult) -> tuple[Any, ...]:
+    return (
+        result.peak_bytes,
+        result.step_peak_bytes,
+        result.breakdown,
+        result.param_dtype_bytes,
+        result.trainable_params,
+    )
+
+
+@pytest.mark.parametrize("fields", CASES, ids=lambda f: "-".join(map(str, f.values())))
+def test_replayed_layers_measure_what_the_host_meter_runs(fields: dict[str, Any]) -> None:
+    if fields["method"] == "qlora":
+        pytest.importorskip("bitsandbytes")
+    if fields.get("optimizer") == "galore-adamw":
+        pytest.importorskip("galore_torch")
+    spec = StepSpec.from_kwargs(model="tiny-llama", batch=2, seq=64, **fields)
+    meter = FakeMeter()
+    fake = run_step(spec, meter)
+    assert meter.replayed_layers > 0  # tiny-llama's 4 layers: at least one replayed
+    assert _numbers(fake) == _numbers(run_step(spec, HostMeter()))
+
+
+def _events(meter: FakeMeter) -> list[tuple[int, ...]]:
+    ev = meter.ledger.events
+    return list(zip(ev.kind, ev.nbytes, ev.op, ev.live_bytes, strict=True))
+
+
+@pytest.mark.parametrize("fields", [{"method": "full"}, {"method": "lora", "grad_ckpt": True}])
+def test_a_real_size_step_with_replayed_layers_is_the_traced_one_event_for_event(
+    fields: dict[str, Any],
+) -> None:
+    spec = StepSpec.from_kwargs(model="llama-7b", batch=1, seq=32, **fields)
+    traced = run_step(spec, without := FakeMeter(replay_layers=False))
+    replayed = run_step(spec, with_replay := FakeMeter())
+    assert (without.replayed_layers, with_replay.replayed_layers) == (0, 31)
+    assert _numbers(replayed) == _numbers(traced)
+    assert (replayed.allocated_bytes, replayed.reserved_bytes) == (
+        traced.allocated_bytes,
+        traced.reserved_bytes,
+    )
+    assert _events(with_replay) == _events(without)
+    assert replayed.timeline == traced.timeline
+
+
+def test_the_decoder_layers_are_the_longest_stack_of_one_class() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(
+            LlamaConfig(hidden_size=8, intermediate_size=8, num_attention_heads=2, vocab_size=8)
+        )
+        assert repeated_layers(model) == list(model.model.layers)
+        model.model.layers = model.model.layers[:3]  # too few to repeat: traced whole
+        assert repeated_layers(model) == []
+
+
+class _SelfChanging(Full):
+    """Full training whose layers change themselves on each call, as bitsandbytes' Linear4bit
+    casts its bias to the input's dtype (here: a buffer regrown): a replayed layer would not
+    change."""
+
+    name = "self-changing"
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        for layer in model.model.layers:  # type: ignore[union-attr]
+            forward = layer.forward
+            layer.register_buffer("calls", torch.zeros(1))
+
+            def grow_then_run(*args: Any, _layer: Any = layer, _run: Any = forward, **kwargs: Any):
+                if _layer.calls.numel() < 4096:
+                    _layer.calls = torch.zeros(_layer.calls.numel() * 64)
+                return _run(*args, **kwargs)
+
+            layer.forward = grow_then_run
+        return super().prepare(model, spec)
+
+
+class _Keeping(Full):
+    """Full training whose layers keep a tensor they made on their first call, as a lazily
+    built cache would: the replayed layers would not make it."""
+
+    name = "keeping"
+
+    def prepare(self, model: torch.nn.Module, spec: StepSpec) -> torch.nn.Module:
+        for layer in model.model.layers:  # type: ignore[union-attr]
+            forward = layer.forward
+
+            def keep_then_run(*args: Any, _layer: Any = layer, _run: Any = forward, **kwargs: Any):
+                if not hasattr(_layer, "kept"):
+                    _layer.kept = torch.zeros(4096)
+                return _run(*args, **kwargs)
+
+            layer.forward = keep_then_run
+        return super().prepare(model, spec)
+
+
+@pytest.fixture(params=[_SelfChanging, _Keeping])
+def changing(request: pytest.FixtureRequest) -> Iterator[str]:
+    saved = methods.snapshot()
+    methods.register(request.param())
+    yield request.param.name
+    methods.restore(saved)
+
+
+def test_layers_that_change_themselves_are_traced_while_they_do(changing: str) -> None:
+    """Each layer's first call changes it (a replay of the first layer would leave the others
+    as they were: bf16 weights, no kept tensor); once changed, the layers repeat."""
+    spec = StepSpec(model="tiny-llama", method=changing, batch=1, seq=32, steps=3)
+    fake = run_step(spec, FakeMeter())
+    assert _numbers(fake) == _numbers(run_step(spec, HostMeter()))
