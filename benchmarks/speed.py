@@ -5,6 +5,7 @@ ratio to the median cold import, measured interleaved with it (import, case, imp
 
 * ``pytest-vram estimate`` end to end, LLaMA-7B full AdamW bf16 b1 s512 (goal <= 1.5x) and
   Qwen2.5-32B LoRA (goal <= 2.5x);
+* the imports each of those estimates cannot do without (no goal: the floor under them);
 * ``pytest-vram estimate --help`` and ``pytest-vram --version`` (goal < 1 s);
 * with ``--suite``: ``pytest suites`` (goal <= 40x), and ``python -m pytest tests`` beside it.
 
@@ -29,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 IMPORT = [sys.executable, "-c", "import torch, transformers"]
 CLI = [sys.executable, "-m", "pytest_vram.cli"]
+PYTHON_C = [sys.executable, "-c"]
+FLOOR = "import torch, transformers; from torch._subclasses.fake_tensor import FakeTensorMode"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,19 @@ CASES = (
         "estimate qwen2.5-32b lora b1 s512",
         [*CLI, "estimate", "qwen2.5-32b", "--method", "lora", "--batch", "1", "--seq", "512"],
         2.5,
+    ),
+    # What each estimate above must import before it traces anything: the model's transformers
+    # class, FakeTensorMode (which imports torch._dynamo) and, for LoRA, peft. No goal: the
+    # floor under the estimates' goals.
+    Case(
+        "floor: imports of the 7B estimate",
+        [*PYTHON_C, f"{FLOOR}; from transformers import LlamaForCausalLM"],
+        float("inf"),
+    ),
+    Case(
+        "floor: imports of the 32B LoRA estimate",
+        [*PYTHON_C, f"{FLOOR}; from transformers import Qwen2ForCausalLM; import peft"],
+        float("inf"),
     ),
     Case("estimate --help", [*CLI, "estimate", "--help"], 1.0, absolute_s=True),
     Case("--version", [*CLI, "--version"], 1.0, absolute_s=True),

@@ -49,6 +49,12 @@ _COMMAND_LOGGED: Final[tuple[tuple[str, str], ...]] = (
 _COMMAND_WARNINGS: Final[tuple[tuple[type[Warning], str, str], ...]] = (
     # peft and trl read model.is_gradient_checkpointing, deprecated in transformers 5.
     (FutureWarning, "`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+    # peft's prepare_model_for_kbit_training (QLoRA with checkpointing) calls the old name.
+    (
+        FutureWarning,
+        "`gradient_checkpointing_enable` is deprecated",
+        r"transformers\.modeling_utils",
+    ),
 )
 
 

@@ -122,11 +122,13 @@ def test_bad_arguments_exit_2_in_one_line(
 
 
 def test_libraries_import_chatter_stays_out_of_stderr(tmp_path: Path) -> None:
-    """A fresh process, as a user runs it: LoRA imports peft, which imports bitsandbytes (its
+    """A fresh process, as a user runs it: QLoRA imports peft, which imports bitsandbytes (its
     'Failed to load CPU gemm_4bit_forward from kernels-community' line), peft reads
-    transformers' deprecated is_gradient_checkpointing, and the DeepSpeed column imports
-    DeepSpeed, which guesses its accelerator aloud. None of that is the estimate's."""
-    args = ["tiny-llama", "--method", "lora", "--zero", "2", "--ranks", "2", "--seq", "16"]
+    transformers' deprecated is_gradient_checkpointing and, preparing a 4-bit model for
+    checkpointing, calls the deprecated gradient_checkpointing_enable, and the DeepSpeed column
+    imports DeepSpeed, which guesses its accelerator aloud. None of that is the estimate's."""
+    args = ["tiny-llama", "--method", "qlora", "--grad-ckpt", "--zero", "2", "--ranks", "2"]
+    args += ["--seq", "16"]
     run = estimate_process(tmp_path, *args)
     assert run.returncode == 0, run.stderr
     assert "  DeepSpeed estimator    " in run.stdout
