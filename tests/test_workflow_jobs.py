@@ -108,11 +108,18 @@ def test_cpu_workflow_runs_ci_script_with_caches() -> None:
     assert cache["with"]["path"] == "${{ env.TORCH_EXTENSIONS_DIR }}"
 
 
-def test_ci_script_prebuilds_before_the_tests_and_checks_the_wheel_after() -> None:
+def test_ci_script_prebuilds_before_the_tests_and_checks_the_wheel_beside_them() -> None:
+    """The wheel check runs beside the project's tests, and the script waits for it and fails
+    with it."""
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()]
     assert lines.index("pytest-vram build-ops") < lines.index("pytest suites -n auto")
-    assert lines.index("pytest suites -n auto") < lines.index("python -m pytest -n auto")
-    assert lines.index("python -m pytest -n auto") < lines.index("bash .ci/wheel-check")
+    check_line = next(i for i, line in enumerate(lines) if line.startswith("bash .ci/wheel-check"))
+    assert lines[check_line].endswith("&")
+    assert lines.index("pytest suites -n auto") < check_line
+    assert check_line < lines.index("python -m pytest -n auto")
+    waited = lines.index('wait "$wheel_pid" || wheel_status=$?')
+    assert lines.index("python -m pytest -n auto") < waited
+    assert 'exit "$wheel_status"' in lines[waited:]
     check = (ROOT / ".ci" / "wheel-check").read_text("utf-8")
     # The wheel, not the checkout: installed into its own venv, run from outside the tree.
     assert "python -m build" in check and '"$wheel"' in check and 'cd "$work/project"' in check
