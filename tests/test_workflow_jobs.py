@@ -109,10 +109,13 @@ def test_cpu_workflow_runs_ci_script_with_caches() -> None:
 
 
 def test_ci_script_prebuilds_before_the_tests_and_checks_the_wheel_beside_them() -> None:
-    """The wheel check runs beside the project's tests, and the script waits for it and fails
-    with it."""
+    """DeepSpeed's ops are built beside the linters and the wheel checked beside the project's
+    tests; the script waits for each where its result is needed, and fails with it."""
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()]
-    assert lines.index("pytest-vram build-ops") < lines.index("pytest suites -n auto")
+    build_line = next(i for i, line in enumerate(lines) if line.startswith("pytest-vram build-ops"))
+    built = lines.index('wait "$build_pid" || build_status=$?')
+    assert build_line < built < lines.index("pytest suites -n auto")
+    assert 'exit "$build_status"' in lines[built : lines.index("pytest suites -n auto")]
     check_line = next(i for i, line in enumerate(lines) if line.startswith("bash .ci/wheel-check"))
     assert lines[check_line].endswith("&")
     assert lines.index("pytest suites -n auto") < check_line
