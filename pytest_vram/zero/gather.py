@@ -197,9 +197,12 @@ class _Coordinator:
         own = set(module.params)
         release = {p for p in own - self.persist if self.fetched_for[p] <= self.step}
         traversed = 0
-        for m in self.order[self.step :]:
+        # Indexed, not sliced: the walk stops within the reuse distance, where a slice would
+        # copy the rest of the trace at every release.
+        for i in range(self.step, len(self.order)):
             if traversed >= self.knobs.max_reuse_distance:
                 break
+            m = self.order[i]
             for p in m.params:
                 release.discard(p)
                 traversed += self.sizes[p][0]
