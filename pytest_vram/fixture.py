@@ -23,6 +23,7 @@ from pytest_vram.marker import (
 )
 from pytest_vram.meters import unsupported
 from pytest_vram.result import MemoryResult
+from pytest_vram.shared_results import Key, SharedResults
 from pytest_vram.spec import StepSpec
 from pytest_vram.worker import CaseFailure, Job
 
@@ -50,8 +51,11 @@ class Recorder:
     assert_lt = staticmethod(invariants.assert_lt)
     assert_ordered = staticmethod(invariants.assert_ordered)
 
-    def __init__(self, session: VramSession, item: pytest.Item) -> None:
+    def __init__(
+        self, session: VramSession, item: pytest.Item, shared: SharedResults | None = None
+    ) -> None:
         self._session = session
+        self._shared = shared
         self._item = item
         self.results: list[MemoryResult] = item.stash.setdefault(RESULTS, [])
         self._capacities: list[int | None] = item.stash.setdefault(CAPACITIES, [])
@@ -127,8 +131,7 @@ class Recorder:
         the same spec), on a GPU with the terms of its device profile. What the fake meter
         cannot trace is a prediction with its reason."""
         key = ("fake", spec.to_json(), imports)
-        cache = self._session.measured
-        traced: MemoryResult | CaseFailure | None = cache.get(key)
+        traced: MemoryResult | CaseFailure | None = self._measured(key)
         if traced is None:
             why = unsupported("fake", spec)
             if why:
@@ -136,7 +139,7 @@ class Recorder:
             job = Job("fake", spec=spec, imports=imports)
             traced = self._session.worker.run(job, self._session.settings.timeout_s)
             if isinstance(traced, MemoryResult):
-                cache[key] = traced
+                self._keep(key, traced)
         if isinstance(traced, CaseFailure):
             return Prediction(unsupported=traced.reason)
         allocated, reserved = traced.allocated_bytes, traced.reserved_bytes
@@ -158,20 +161,34 @@ class Recorder:
             device=profile.describe(spec.ranks),
         )
 
+    def _measured(self, key: Key) -> MemoryResult | None:
+        """The result of ``key`` measured earlier in this session, or by another xdist worker
+        of this run."""
+        out = self._session.measured.get(key)
+        if out is None and self._shared is not None:
+            out = self._shared.get(key)
+            if out is not None:
+                self._session.measured[key] = out
+        return out
+
+    def _keep(self, key: Key, result: MemoryResult) -> None:
+        self._session.measured[key] = result
+        if self._shared is not None:
+            self._shared.put(key, result)
+
     def _run(self, job: Job, capacity_bytes: int | None) -> MemoryResult:
         __tracebackhide__ = True
         # A spec measured once in a session is not measured again (invariant tests share
         # cases with the cases' own tests); the meters are deterministic or nearly so.
         key = (job.meter, job.spec.to_json(), job.imports) if job.spec is not None else None
-        cache = self._session.measured
-        out: MemoryResult | CaseFailure | None = cache.get(key) if key else None
+        out: MemoryResult | CaseFailure | None = self._measured(key) if key else None
         if out is None:
             out = self._session.worker.run(job, self._session.settings.timeout_s)
             if key and isinstance(out, MemoryResult):
                 if self._session.settings.predicts and job.spec is not None and job.meter != "fake":
                     prediction = self._predict(job.spec, job.imports, out)
                     out = dataclasses.replace(out, prediction=prediction)
-                cache[key] = out
+                self._keep(key, out)
         if isinstance(out, CaseFailure):
             if out.kind == "unsupported":  # e.g. a library that calls CUDA, on the host meter
                 pytest.skip(f"{out.reason} [{out.label}]")

@@ -12,8 +12,10 @@ from pytest_vram.gpus import assign_gpus, check_gpu_visible, check_workers
 from pytest_vram.marker import help_line
 from pytest_vram.options import add_options, resolve
 from pytest_vram.session import VramSession
+from pytest_vram.shared_results import SharedResults, SharedResultsController
 
 SESSION: Final = pytest.StashKey[VramSession]()
+SHARED: Final = pytest.StashKey[SharedResults | None]()
 _REGISTRY: Final = pytest.StashKey[methods.Snapshot]()
 
 
@@ -44,9 +46,14 @@ def pytest_configure(config: pytest.Config) -> None:
         session.gpu_devices = assign_gpus(getattr(config, "workerinput", None))
     config.stash[SESSION] = session
     config.pluginmanager.register(session, "vram-session")
+    # xdist workers reuse each other's cases through a folder their controller makes.
+    config.stash[SHARED] = SharedResults.of_worker(config)
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(SharedResultsController(), "vram-shared-results")
 
 
 @pytest.fixture
 def vram(request: pytest.FixtureRequest) -> Recorder:
     """Measure training steps: ``vram.step(model=..., method=...)`` or ``vram.measure(fn, ...)``."""
-    return Recorder(request.config.stash[SESSION], request.node)
+    config = request.config
+    return Recorder(config.stash[SESSION], request.node, config.stash[SHARED])
