@@ -41,6 +41,7 @@ PYTEST_PROCESS_MODULES: Final = (
     "pytest_vram.marker",
     "pytest_vram.fixture",
     "pytest_vram.session",
+    "pytest_vram.shared_results",
     "pytest_vram.verdict",
     "pytest_vram.baselines",
     "pytest_vram.report",
