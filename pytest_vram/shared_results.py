@@ -57,8 +57,11 @@ class SharedResults:
             return None
         try:
             data = self._path(key).read_bytes()
+        except OSError:
+            return None
+        try:
             result = pickle.loads(data)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+        except Exception:  # whatever a damaged file raises: the case is measured instead
             return None
         return result if isinstance(result, MemoryResult) else None
 

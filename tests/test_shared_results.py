@@ -51,8 +51,10 @@ def test_an_unreadable_file_is_measured_again(tmp_path: Path, measured: MemoryRe
     shared = SharedResults(tmp_path)
     shared.put(key(), measured)
     (stored,) = tmp_path.iterdir()
-    stored.write_bytes(b"\x80\x05not a pickle")
-    assert shared.get(key()) is None
+    whole = stored.read_bytes()
+    for damaged in (b"\x80\x05not a pickle", whole[: len(whole) // 2], b""):
+        stored.write_bytes(damaged)
+        assert shared.get(key()) is None
     shared.put(key(), measured)  # replaced whole
     assert shared.get(key()) is not None
 
