@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from traces import assert_same_trace
 
 from pytest_vram import StepSpec, methods
 from pytest_vram.meters.fake import FakeMeter
@@ -63,11 +64,6 @@ def test_replayed_steps_measure_what_the_host_meter_runs(fields: dict[str, Any])
     ]
 
 
-def _events(meter: FakeMeter) -> list[tuple[int, ...]]:
-    ev = meter.ledger.events
-    return list(zip(ev.kind, ev.nbytes, ev.op, ev.live_bytes, strict=True))
-
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_replayed_real_size_step_is_the_traced_one_event_for_event(method: str) -> None:
     spec = StepSpec(model="llama-7b", method=method, batch=1, seq=32)
@@ -75,12 +71,7 @@ def test_a_replayed_real_size_step_is_the_traced_one_event_for_event(method: str
     traced, without = _traced(spec, replay=False)
     assert (with_replay.replayed_steps, without.replayed_steps) == (1, 0)
     _same_numbers(replayed, traced)
-    assert (replayed.allocated_bytes, replayed.reserved_bytes) == (
-        traced.allocated_bytes,
-        traced.reserved_bytes,
-    )
-    assert _events(with_replay) == _events(without)
-    assert replayed.timeline == traced.timeline
+    assert_same_trace(replayed, with_replay, traced, without)
 
 
 def test_optimizers_that_change_the_backward_are_traced_every_step() -> None:
