@@ -134,13 +134,14 @@ def test_only_ramps_count_as_unpacked_positions() -> None:
     assert torch.utils.swap_tensors.__module__ == "torch.utils"
 
 
-def test_only_in_place_foreach_ops_on_untracked_values_skip_fake_mode() -> None:
-    """An optimizer's in-place foreach update allocates nothing and is not run; what allocates
-    (``_foreach_sqrt``), what is not foreach, and a step count whose value fake mode follows
-    (read back by Adam's bias correction) still run."""
-    from pytest_vram.meters.fake import _Inert
+def test_only_in_place_foreach_ops_and_fills_on_untracked_values_skip_fake_mode() -> None:
+    """An optimizer's in-place foreach update and weight initialisation's fills allocate
+    nothing and are not run; what allocates (``_foreach_sqrt``), other in-place arithmetic, and
+    a step count whose value fake mode follows (read back by Adam's bias correction) still
+    run. A skipped fill still returns the tensor it filled."""
+    from pytest_vram.meters.fake_bridges import InertOps
 
-    inert = _Inert()
+    inert = InertOps()
     aten = torch.ops.aten
     with FakeMeter():
         weights = [torch.empty(4, 4), torch.empty(3)]
@@ -151,12 +152,34 @@ def test_only_in_place_foreach_ops_on_untracked_values_skip_fake_mode() -> None:
         assert not inert(aten._foreach_sqrt.default, (weights,))
         assert not inert(aten.mul_.Tensor, (weights[0], weights[0]))
         assert not inert(aten._foreach_add_.Scalar, (steps, 1))
+        assert inert(aten.uniform_.default, (weights[0], -1.0, 1.0))
+        assert inert(aten.zero_.default, (weights[1],))
+        assert not inert(aten.fill_.Scalar, (steps[0], 3.0))
+        assert not inert(aten.add_.Tensor, (weights[0], weights[0]))
+        assert torch.nn.init.kaiming_uniform_(weights[0]) is weights[0]
+        assert steps[1].fill_(3.0).item() == 3.0
         params = [torch.nn.Parameter(torch.empty(8, 8))]
         adam = torch.optim.AdamW(params, foreach=True)
         for _ in range(2):
             params[0].grad = torch.empty(8, 8)
             adam.step()
         assert adam.state[params[0]]["step"].item() == 2
+
+
+def test_a_module_to_that_changes_nothing_runs_no_op() -> None:
+    """peft moves each new adapter to its base layer's device: where every tensor is there
+    already, ``to()`` returns the module and no op reaches fake mode; a real change converts."""
+    original = torch.nn.Module.to
+    with FakeMeter() as meter:
+        layer = torch.nn.Linear(4, 4)
+        ops = meter.ledger.events.ops
+        assert layer.to("cpu", torch.float32) is layer
+        assert layer.to(torch.device("cpu")) is layer
+        assert meter.ledger.events.ops == ops
+        layer.to(torch.bfloat16)
+        assert meter.ledger.events.ops > ops
+        assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16
+    assert torch.nn.Module.to is original
 
 
 def test_llama_7b_model_states_without_weights() -> None:

@@ -4,18 +4,9 @@ Tensors have shapes, dtypes and storages of the right size but no data, so a rea
 config is traced in seconds with every parameter, gradient, optimizer state and activation
 counted as the host meter would count it on a machine large enough to run it.
 
-Two places where torch and transformers behave differently on fake tensors are bridged for the
-time the meter is entered, so that the same library code runs as on real ones:
-
-* ``Module.to()`` (peft moves every adapter layer with it) swaps each fake parameter through
-  ``torch.utils.swap_tensors`` whatever ``set_swap_module_params_on_conversion`` says, and that
-  refuses a tensor with a weak reference, which FakeTensorMode's converter memo holds on nearly
-  every fake tensor (pytorch/pytorch#148977). As the fix proposed upstream (#178584), the memo
-  entries of the two tensors being swapped are dropped.
-* transformers reads position ids to see whether sequences are packed, and on fake data (no
-  values) builds the causal mask the real run skips. Position ids that the meter saw made by
-  ``arange`` (transformers' own, when none are passed) are consecutive: those get the real
-  run's answer, "not packed".
+Where torch and transformers behave differently on fake tensors, ``meters.fake_bridges``
+bridges them for the time the meter is entered, so that the same library code runs as on real
+ones; it also names the ops that need not run at all on fake tensors.
 
 A module first imported inside the meter keeps the fake tensors it makes at import (peft's LoHa
 default arguments): the plugin runs each case in a fresh child of a preloaded server.
@@ -30,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
@@ -39,12 +29,10 @@ import torch
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
-    FakeTensor,
     FakeTensorMode,
     UnsupportedOperatorException,
     unset_fake_temporarily,
 )
-from torch.utils.weak import WeakIdKeyDictionary
 
 from pytest_vram.allocator import AllocatorConfig, Replay
 from pytest_vram.errors import Unsupported
@@ -57,6 +45,7 @@ from pytest_vram.meters.base import (
     RepeatsSteps,
     Roles,
 )
+from pytest_vram.meters.fake_bridges import InertOps, Ramps, module_to, swap_tensors
 from pytest_vram.meters.host import HostMeter, StorageLedger
 from pytest_vram.meters.layers import LayerReplay
 from pytest_vram.meters.repeat import StepReplay
@@ -69,81 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["FakeMeter"]
 
 _VALUES = "fake tensors hold no values"
-
-# Data-free ops that make a run of consecutive numbers, and ops that keep it one.
-_ARANGE: Final = frozenset(
-    {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
-)
-_SHIFT: Final = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor})
-_COPY: Final = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten.clone.default})
-
-
-class _Ramps:
-    """Storages known to hold consecutive numbers n, n+1, ...: made by ``arange`` with step 1,
-    shifted by a scalar or copied. transformers makes its default position ids this way. It
-    observes the ops the ledger sees (the step's own), after each has run."""
-
-    def __init__(self) -> None:
-        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    def __call__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        if func in _ARANGE:
-            ramp = (args[2] if len(args) > 2 else kwargs.get("step", 1)) == 1
-        elif func in _SHIFT:
-            ramp = any(self._read_in_order(a) and _is_scalar(b) for a, b in (args, args[::-1]))
-        else:
-            ramp = func in _COPY and self._read_in_order(args[0])
-        if ramp:
-            self._storages[out.untyped_storage()] = True
-
-    def holds_ramp(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and t.untyped_storage() in self._storages
-
-    def _read_in_order(self, t: object) -> bool:
-        """A contiguous view of a ramp: an op's contiguous output from it is a ramp too."""
-        return isinstance(t, torch.Tensor) and self.holds_ramp(t) and t.is_contiguous()
-
-    def consecutive(self, t: torch.Tensor) -> bool:
-        """Each row of ``t`` counts up by one: a ramp read with unit stride on the last dim."""
-        return self.holds_ramp(t) and t.dim() > 0 and (t.stride(-1) == 1 or t.size(-1) == 1)
-
-
-class _Inert:
-    """Operators that allocate nothing and return nothing: torch's in-place foreach ops
-    (``_foreach_mul_``, ``_foreach_addcdiv_``), an optimizer's whole update. On fake tensors
-    they change no size, and FakeTensorMode runs them one tensor at a time to check shapes the
-    optimizer made equal: most of a traced optimizer step. Their version-counter bump is made
-    before any dispatch mode sees the op. They still run on tensors whose value fake mode
-    follows (an optimizer's step count, read back as a number)."""
-
-    def __init__(self) -> None:
-        self._inert: dict[Any, bool] = {}
-
-    def __call__(self, func: Any, args: tuple[Any, ...]) -> bool:
-        inert = self._inert.get(func)
-        if inert is None:
-            schema = func._schema
-            name = schema.name
-            inert = self._inert[func] = (
-                name.startswith("aten::_foreach_") and name.endswith("_") and not schema.returns
-            )
-        return inert and not any(
-            isinstance(t, FakeTensor) and t.constant is not None for t in args[0]
-        )
-
-
-def _is_scalar(x: object) -> bool:
-    return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.dim() == 0)
-
-
-def _forget(t: torch.Tensor) -> None:
-    """Drop ``t`` from its fake mode's converter memo, whose weak reference blocks a swap."""
-    if not isinstance(t, FakeTensor):
-        return
-    memo = t.fake_mode.fake_tensor_converter.tensor_memo
-    for ref in weakref.getweakrefs(t):
-        if isinstance(ref, weakref.KeyedRef) and memo.get(ref.key) is t:
-            del memo[ref.key]
 
 
 @final
@@ -165,8 +79,8 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps, RepeatsLayers):
         # Libraries keep module-level real tensors (bitsandbytes' quantization map): fake mode
         # converts them when they are used, and the ledger counts them as the host meter does.
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
-        self._ramps = _Ramps()
-        self._inert = _Inert()
+        self._ramps = Ramps()
+        self._inert = InertOps()
         self._restore: list[Callable[[], None]] = []
         self._replay: Replay | None = None
         self._steps = StepReplay(self._host)
@@ -209,7 +123,8 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps, RepeatsLayers):
         return limits.unsupported(FakeMeter.name, spec)
 
     def __enter__(self) -> FakeMeter:
-        self._patch(torch.utils, "swap_tensors", _swap_tensors)
+        self._patch(torch.utils, "swap_tensors", swap_tensors)
+        self._patch(torch.nn.Module, "to", module_to)
         from transformers import masking_utils
 
         find = masking_utils.find_packed_sequence_indices
@@ -314,15 +229,6 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps, RepeatsLayers):
         """The allocator settings the reserved prediction followed, when any are set."""
         conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
         return {"PYTORCH_CUDA_ALLOC_CONF": conf} if conf else {}
-
-
-_swap_original = torch.utils.swap_tensors
-
-
-def _swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
-    _forget(t1)
-    _forget(t2)
-    _swap_original(t1, t2)  # type: ignore[no-untyped-call]
 
 
 def _not_traceable(error: Exception) -> str | None:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Inert", "OpObserver", "Watch"]
 
-# Called with (func, args) before an op runs: True where the op need not run at all.
+# Called with (func, args) before an op runs: True where the op need not run at all. Such an op
+# is in-place: it returns nothing or its first argument, which it then returns unchanged.
 Inert = Callable[[Any, tuple[Any, ...]], bool]
 
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
@@ -57,7 +58,7 @@ class Watch(TorchDispatchMode):
         if kwargs:
             _walk(tuple(kwargs.values()), ledger.seen)
         if self.inert is not None and self.inert(func, args):
-            return None
+            return args[0] if func._schema.returns else None
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not func.is_view:  # a view's storage is its input's, just seen
