@@ -304,3 +304,65 @@ def test_eager_attention_keeps_the_scores_sdpa_does_not() -> None:
     extra = eager.breakdown.activation_bytes - sdpa.breakdown.activation_bytes
     # ... and at the peak, a temporary copy of one layer's scores (at 7B: within 1%).
     assert 6 * scores <= extra < 6 * scores + 4 * layer_scores
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "full"},
+        {"method": "lora", "grad_ckpt": True, "stage": "dpo"},
+        {"method": "full", "precision": "fp16", "attention": "eager"},
+        {"method": "lora", "precision": "amp-bf16"},
+    ],
+    ids=lambda fields: "-".join(str(v) for v in fields.values()),
+)
+def test_half_precision_matmuls_through_fp32_count_the_same_bytes(
+    fields: dict[str, object],
+) -> None:
+    """The host meter runs bf16 and fp16 matmuls through torch's fp32 kernel (``meters.watch``):
+    every allocation and free, the peaks and the breakdown are those of torch's own kernels."""
+    from tests.traces import events
+
+    spec = StepSpec(**{"model": "tiny-llama", "batch": 2, "seq": 32, **fields})  # type: ignore[arg-type]
+    fast_meter, native_meter = HostMeter(), HostMeter(fp32_matmul=False)
+    fast, native = run_step(spec, fast_meter), run_step(spec, native_meter)
+    assert events(fast_meter) == events(native_meter)
+    assert (fast.peak_bytes, fast.step_peak_bytes, fast.breakdown, fast.timeline) == (
+        native.peak_bytes,
+        native.step_peak_bytes,
+        native.breakdown,
+        native.timeline,
+    )
+
+
+def test_only_half_precision_matmuls_of_real_cpu_tensors_go_through_fp32() -> None:
+    """The kernel below the meter gets fp32 operands, and the result is the fp32 product rounded
+    once; fp32 matmuls and mixed dtypes are torch's own (the mix still raises as torch does)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Kernels(TorchDispatchMode):  # under the meter's mode: sees what it hands on
+        def __init__(self) -> None:
+            super().__init__()
+            self.mm: list[tuple[torch.dtype, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.mm.default:
+                self.mm.append(tuple(a.dtype for a in args))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 128, generator=gen).bfloat16()
+    b = torch.randn(128, 32, generator=gen).bfloat16()
+    with Kernels() as kernels, HostMeter():
+        half = torch.mm(a, b)
+        single = torch.mm(a.float(), b.float())
+        with pytest.raises(RuntimeError, match="dtype"):
+            torch.mm(a, b.float())
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert kernels.mm == [(f32, f32), (f32, f32), (bf16, f32)]
+    assert torch.equal(half, torch.mm(a.float(), b.float()).bfloat16())
+    assert half.dtype == bf16 and half.stride() == (32, 1)
+    assert torch.equal(single, torch.mm(a.float(), b.float()))
+    with Kernels() as kernels, HostMeter(fp32_matmul=False):
+        torch.mm(a, b)
+    assert kernels.mm == [(bf16, bf16)]

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pytest_vram.meters.fake import FakeMeter
+    from pytest_vram.meters.host import HostMeter
     from pytest_vram.result import MemoryResult
 
 
-def events(meter: FakeMeter) -> list[tuple[int, ...]]:
+def events(meter: FakeMeter | HostMeter) -> list[tuple[int, ...]]:
     ev = meter.ledger.events
     return list(zip(ev.kind, ev.nbytes, ev.op, ev.live_bytes, strict=True))
 

@@ -73,7 +73,7 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps, RepeatsLayers):
     def __init__(self, snapshot_dir: str | None = None, *, replay_layers: bool = True) -> None:
         """``replay_layers``: replay repeated decoder layers (``meters.layers``); off, every
         layer is traced (the tests compare the two)."""
-        self._host = HostMeter(snapshot_dir)
+        self._host = HostMeter(snapshot_dir, fp32_matmul=False)  # fake tensors: no arithmetic
         self._replay_layers = replay_layers
         self._layers: LayerReplay | None = None
         # Libraries keep module-level real tensors (bitsandbytes' quantization map): fake mode

@@ -260,13 +260,16 @@ class HostMeter(Meter, HostOffloadTagging, MemorySnapshots):
     device = "cpu"
     FINGERPRINT: Final = FIXED_FINGERPRINTS["host"]  # every CPU counts the same bytes
 
-    def __init__(self, snapshot_dir: str | None = None) -> None:
+    def __init__(self, snapshot_dir: str | None = None, *, fp32_matmul: bool = True) -> None:
+        """``fp32_matmul``: run bf16 and fp16 matmuls through torch's fp32 kernel (see
+        ``meters.watch``); the bytes counted are the same either way."""
         self.snapshot_dir = snapshot_dir
         self.snapshot_label: str | None = None  # names the snapshot file; set before entering
         self.snapshot_path: str | None = None  # the snapshot written by the last exit
         # A snapshot shows who allocated each block: the stacks are recorded only for one.
         self.ledger = StorageLedger(EventLog(frames=snapshot_dir is not None))
         self._mode = Watch(self.ledger)
+        self._mode.fp32_matmul = fp32_matmul
         self._orig_resize: Callable[..., Any] | None = None
         self._noted: dict[str, set[int]] = {}
         # What a module first imported inside runs in (meters.imports).
