@@ -110,7 +110,10 @@ def _options(name: str, value: object, declared: Mapping[str, OptionValue], owne
     if isinstance(value, tuple):  # the frozen form, from a spec: (name, value) pairs only
         # dict() would also take any 2-character strings as pairs: ("ab",) is {"a": "b"}
         pairs = all(isinstance(item, tuple) and len(item) == 2 for item in value)
-        value = dict(value) if pairs else None
+        try:
+            value = dict(value) if pairs else None
+        except TypeError:  # a name that cannot be a key: ([], 1)
+            value = None
     if not isinstance(value, Mapping):
         raise SpecError(f"{name}={given!r} must be a mapping of option name to value")
     for key in value:  # before sorting: keys of mixed types do not sort
