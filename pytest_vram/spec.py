@@ -109,11 +109,9 @@ def _options(name: str, value: object, declared: Mapping[str, OptionValue], owne
     given = value
     if isinstance(value, tuple):  # the frozen form, from a spec: (name, value) pairs only
         # dict() would also take any 2-character strings as pairs: ("ab",) is {"a": "b"}
+        # and a name must be a string: ([], 1) would not even be a key
         pairs = all(isinstance(item, tuple) and len(item) == 2 for item in value)
-        try:
-            value = dict(value) if pairs else None
-        except TypeError:  # a name that cannot be a key: ([], 1)
-            value = None
+        value = dict(value) if pairs and all(isinstance(k, str) for k, _ in value) else None
     if not isinstance(value, Mapping):
         raise SpecError(f"{name}={given!r} must be a mapping of option name to value")
     for key in value:  # before sorting: keys of mixed types do not sort

@@ -166,6 +166,29 @@ def test_only_in_place_foreach_ops_and_fills_on_untracked_values_skip_fake_mode(
         assert adam.state[params[0]]["step"].item() == 2
 
 
+def test_a_value_fake_mode_follows_is_read_without_a_trip_through_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Adam reads each step count back for its bias correction: a fake tensor whose value fake
+    mode follows answers ``item()`` from that value at the meter; one without a value still
+    cannot be read (``run_step`` reports it as unsupported)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    item = torch.ops.aten._local_scalar_dense.default
+    meter = FakeMeter()
+    reached: list[Any] = []
+    with meter:
+        dispatch = meter._fake.dispatch
+        monkeypatch.setattr(
+            meter._fake, "dispatch", lambda f, *a: reached.append(f) or dispatch(f, *a)
+        )
+        assert torch.tensor(3.0).add_(1).item() == 4.0
+        assert item not in reached
+        with pytest.raises(DataDependentOutputException):
+            torch.empty(1).item()
+        assert item in reached
+
+
 def test_a_module_to_that_changes_nothing_runs_no_op() -> None:
     """peft moves each new adapter to its base layer's device: where every tensor is there
     already, ``to()`` returns the module and no op reaches fake mode; a real change converts."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ Inert = Callable[[Any, tuple[Any, ...]], bool]
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
 _DEVICE = torch.ops.prim.device.default
 _aten = torch.ops.aten
+_ITEM = _aten._local_scalar_dense.default
 _MATMULS: Final = frozenset(
     {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
 )
@@ -73,6 +75,14 @@ class Watch(TorchDispatchMode):
             _walk(tuple(kwargs.values()), ledger.seen)
         if self.inert is not None and self.inert(func, args):
             return args[0] if func._schema.returns else None
+        if func is _ITEM:
+            # A fake tensor whose value fake mode follows (an optimizer's step count, read by
+            # each parameter's bias correction): its value, read off the real tensor it keeps,
+            # as fake mode would. No storage is made.
+            constant = getattr(args[0], "constant", None)
+            if constant is not None:
+                with unset_fake_temporarily():
+                    return constant.item()
         kwargs = kwargs or {}
         if func in _MATMULS and self.fp32_matmul and _half_on_cpu(args):
             dtype = args[0].dtype
