@@ -108,10 +108,10 @@ def _options(name: str, value: object, declared: Mapping[str, OptionValue], owne
     """Options are validated against what the method/optimizer declares, then frozen sorted."""
     given = value
     if isinstance(value, tuple):  # the frozen form, from a spec: (name, value) pairs only
-        # dict() would also take any 2-character strings as pairs: ("ab",) is {"a": "b"}
+        # dict() would also take any 2-character strings as pairs: ("ab",) is {"a": "b"};
         # and a name must be a string: ([], 1) would not even be a key
-        pairs = all(isinstance(item, tuple) and len(item) == 2 for item in value)
-        value = dict(value) if pairs and all(isinstance(k, str) for k, _ in value) else None
+        pairs = all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], str) for i in value)
+        value = dict(value) if pairs else None
     if not isinstance(value, Mapping):
         raise SpecError(f"{name}={given!r} must be a mapping of option name to value")
     for key in value:  # before sorting: keys of mixed types do not sort

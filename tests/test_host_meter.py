@@ -17,6 +17,7 @@ import peft
 import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
+from traces import events
 
 import pytest_vram
 from pytest_vram import methods, zoo
@@ -321,8 +322,6 @@ def test_half_precision_matmuls_through_fp32_count_the_same_bytes(
 ) -> None:
     """The host meter runs bf16 and fp16 matmuls through torch's fp32 kernel (``meters.watch``):
     every allocation and free, the peaks and the breakdown are those of torch's own kernels."""
-    from tests.traces import events
-
     spec = StepSpec(**{"model": "tiny-llama", "batch": 2, "seq": 32, **fields})  # type: ignore[arg-type]
     fast_meter, native_meter = HostMeter(), HostMeter(fp32_matmul=False)
     fast, native = run_step(spec, fast_meter), run_step(spec, native_meter)
