@@ -122,9 +122,10 @@ def command(args: argparse.Namespace) -> int:
     """Run ``pytest-vram estimate``: 0; 1 when --capacity-gb predicts out of memory; 2 when it
     cannot estimate (a bad model or spec, a model transformers cannot build, a step the fake
     meter cannot trace), with one line on stderr and no traceback."""
-    from pytest_vram import quiet
+    from pytest_vram import deferred_compile, quiet
 
     quiet.install(command=True)
+    deferred_compile.install()
     try:
         result = _estimate(args)
     except Exception as exc:  # every way out is one line and status 2, not a traceback

@@ -1,6 +1,6 @@
 """Isolation: every case runs in a fresh child forked from a server that imported torch once.
 
-The server is multiprocessing's forkserver with torch, transformers and peft preloaded: it is
+The server is multiprocessing's forkserver with the libraries preloaded (``preload``): it is
 started from the pytest process before anything touches CUDA, and each case is a new fork of it,
 so peaks start clean and a crash, an out-of-memory error or a hang ends one case, not the
 session. The child reports through a pipe with an explicit message; the parent turns silence
@@ -26,58 +26,13 @@ from typing import Any, Final, Literal, final
 from pytest_vram import processes
 from pytest_vram.calls import call_label
 from pytest_vram.errors import SpecError, is_oom
-from pytest_vram.forksafe import ARM_VARIABLE, NVML_CHECK
+from pytest_vram.preload import RANK_PARENT_MODULES, SERVER_ENV, preload_modules
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
 
 __all__ = ["RANK_PARENT_MODULES", "CaseFailure", "Job", "Worker", "preload_modules"]
 
-# Imported once in the server, before any case forks from it. Libraries that make tensors at
-# import time (peft, badam) must be in the host meter's list, or those bytes land in the first
-# measured window; a case child imports its meter's list again (a no-op when the server had it)
-# so a host case measures the same in a GPU session's server. Missing ones are skipped.
-_HOST_PRELOAD: Final = (
-    "pytest_vram.quiet",  # first: its filters drop the libraries' import chatter below
-    "torch",
-    "transformers",
-    "peft",
-    "badam",
-    "trl.trainer.utils",
-    "pytest_vram.step",
-    "pytest_vram.meters.host",
-)
-# The cuda server's children must not be forks of a process that touched CUDA: only modules
-# that call no torch.cuda probe at import (tests/test_forksafe.py checks each one). peft, badam
-# and trl import bitsandbytes, which calls is_available(), device_count() and, on a GPU,
-# get_device_capability() at import; the cases import them after the fork.
-_CUDA_PRELOAD: Final = (
-    "pytest_vram.forksafe",  # first: arms itself (ARM_VARIABLE) so later probes are remembered
-    "pytest_vram.quiet",
-    "torch",
-    "transformers",
-    "pytest_vram.step",
-    "pytest_vram.meters.cuda",
-)
-# What a cuda case's child imports before it forks its ZeRO ranks; the same rule applies.
-RANK_PARENT_MODULES: Final = (
-    "pytest_vram.meters",
-    "pytest_vram.methods",
-    "pytest_vram.stages",
-    "pytest_vram.ranks",
-    "pytest_vram.zero.engine",
-)
-# Set for the cuda server: is_available()/device_count() ask NVML and leave fork usable.
-_CUDA_SERVER_ENV: Final = {NVML_CHECK: "1", ARM_VARIABLE: "1"}
 HUB_OFFLINE: Final = "HF_HUB_OFFLINE"
-
-
-def preload_modules(meter: str) -> tuple[str, ...]:
-    """The modules a worker server for ``meter`` imports before forking its cases."""
-    if meter == "cuda":
-        return _CUDA_PRELOAD
-    if meter in ("host", "fake"):
-        return _HOST_PRELOAD
-    raise ValueError(f"unknown meter {meter!r}; known: host, cuda, fake")
 
 
 _TAIL_LINES: Final = 20
@@ -270,7 +225,7 @@ def _start_server(meter: str) -> str:
     if _server_meter is None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload_modules(meter)))
-        env = dict(_CUDA_SERVER_ENV) if meter == "cuda" else {}
+        env = dict(SERVER_ENV[meter])
         # Cases build models from configs and never download; huggingface_hub reads this once,
         # at import, so it is set for the server. A user who exported it keeps their value.
         env.setdefault(HUB_OFFLINE, os.environ.get(HUB_OFFLINE, "1"))

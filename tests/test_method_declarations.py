@@ -160,7 +160,7 @@ def test_the_fake_meter_limits_are_torch_free_and_the_meters_own() -> None:
 _NOT_A_LIST: set[tuple[str, str]] = {
     ("spec.py", "full"),  # StepSpec's default method
     ("spec.py", "adamw"),  # StepSpec's default optimizer
-    ("worker.py", "badam"),  # the library module the worker preloads
+    ("preload.py", "badam"),  # the library module the worker preloads
 }
 
 
