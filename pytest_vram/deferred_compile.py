@@ -65,7 +65,7 @@ class _Loader(importlib.abc.Loader):
         import torch
 
         compile_now = torch.compile
-        torch.compile = deferred(compile_now)  # type: ignore[assignment]
+        torch.compile = deferred(compile_now)
         try:
             self._loader.exec_module(module)
         finally:
