@@ -1,15 +1,18 @@
 """bitsandbytes imported with its ``torch.compile`` calls made at their first call, not at import.
 
 At import, bitsandbytes wraps its CPU fallbacks in ``torch.compile``, and making those wrappers
-imports torch's inductor: 0.9 s of every worker server's start and of every estimate that
-imports peft, for functions a measured step never compiles (under the meter's dispatch mode
-Dynamo runs them as they are). ``install()`` puts a finder first on ``sys.meta_path`` that, while
-bitsandbytes' package runs, makes ``torch.compile(fn)`` return a function that compiles ``fn`` when
-it is first called, then calls the compiled one: what bitsandbytes gets is the same, later.
-Anything but a plain function goes to torch.compile at once.
+imports torch's inductor (0.9 s), for functions a measured step never compiles: under the
+meter's dispatch mode Dynamo runs them as they are. ``install()`` puts a finder first on
+``sys.meta_path`` that, while bitsandbytes' package runs, makes ``torch.compile(fn)`` return a
+function that compiles ``fn`` when it is first called, then calls the compiled one: what
+bitsandbytes gets is the same, later. Anything but a plain function goes to torch.compile at once.
 
-Importing this module installs it, so a worker server can preload it by name before peft.
-Torch-free and probes no CUDA until bitsandbytes itself is imported.
+``pytest-vram estimate`` installs it (a LoRA estimate imports peft, which imports bitsandbytes),
+and the cuda worker server preloads it for its cases' own imports. The host server does not:
+DeepSpeed compiles at import too (its Muon optimizer, imported when an engine starts), so there
+the inductor is imported once, in the server, rather than in every ZeRO rank.
+
+Importing this module installs it. Torch-free and probes no CUDA until bitsandbytes is imported.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ __all__ = ["RANK_PARENT_MODULES", "SERVER_ENV", "preload_modules"]
 # so a host case measures the same in a GPU session's server. Missing ones are skipped.
 _HOST_PRELOAD: Final = (
     "pytest_vram.quiet",  # first: its filters drop the libraries' import chatter below
-    "pytest_vram.deferred_compile",  # before bitsandbytes (peft imports it)
     "torch",
     "transformers",
     "peft",
@@ -34,7 +33,7 @@ _HOST_PRELOAD: Final = (
 _CUDA_PRELOAD: Final = (
     "pytest_vram.forksafe",  # first: arms itself (ARM_VARIABLE) so later probes are remembered
     "pytest_vram.quiet",
-    "pytest_vram.deferred_compile",  # for the cases' own import of bitsandbytes
+    "pytest_vram.deferred_compile",  # for the cases' own import of bitsandbytes (peft)
     "torch",
     "transformers",
     "pytest_vram.step",
