@@ -143,6 +143,7 @@ def _execute(job: Job) -> MemoryResult:
     # DeepSpeed picks its accelerator once, at import, from DS_ACCELERATOR: whatever the user
     # exported, the host meter's ranks must get the CPU one and the cuda meter's CUDA.
     ops.set_accelerator(on_gpu)
+    ops.use_ninja_beside_python()  # the ninja build-ops used, or the ops rebuild (ranks inherit)
     for module in preload_modules(job.meter):
         # A host case in the cuda server imports peft here. The libraries are optional extras:
         # a missing one is skipped, as the forkserver skips it.

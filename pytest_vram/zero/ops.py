@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
-__all__ = ["build_ops", "builds_for_gpu", "set_accelerator"]
+__all__ = [
+    "build_ops",
+    "builds_for_gpu",
+    "ninja_first",
+    "set_accelerator",
+    "use_ninja_beside_python",
+]
 
 
 def set_accelerator(on_gpu: bool) -> None:
@@ -12,6 +19,26 @@ def set_accelerator(on_gpu: bool) -> None:
     DeepSpeed reads DS_ACCELERATOR once, when it is imported, and a GPU rank given the CPU
     accelerator (or a host rank given CUDA's) would measure the wrong device."""
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
+
+
+def ninja_first(python: str, path: str) -> str:
+    """``path`` (a PATH value) with ``python``'s directory first when a ``ninja`` lies there.
+
+    torch runs the ``ninja`` PATH finds for its JIT builds, and ninja's versions record a build's
+    command line differently: the pip one (DeepSpeed requires it) beside the venv's python and a
+    system one seen without the venv activated each find the other's build changed and rebuild
+    DeepSpeed's ops, 30-50 s inside whichever case loads them first."""
+    directory = os.path.dirname(python)
+    if not os.access(os.path.join(directory, "ninja"), os.X_OK):
+        return path
+    rest = [entry for entry in path.split(os.pathsep) if entry and entry != directory]
+    return os.pathsep.join([directory, *rest])
+
+
+def use_ninja_beside_python() -> None:
+    """This process and its children build with the ninja of this Python's environment
+    (``ninja_first``): ``pytest-vram build-ops`` and every case, activated or not."""
+    os.environ["PATH"] = ninja_first(sys.executable, os.environ.get("PATH", ""))
 
 
 def builds_for_gpu(exported: str | None, gpu_visible: bool) -> bool:
@@ -30,6 +57,7 @@ def build_ops() -> list[str]:
     CI rather than inside a timed case."""
     import torch
 
+    use_ninja_beside_python()
     set_accelerator(builds_for_gpu(os.environ.get("DS_ACCELERATOR"), torch.cuda.is_available()))
     from deepspeed.accelerator import get_accelerator
 
