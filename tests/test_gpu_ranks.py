@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from fresh_server import seen_by_a_case
 
 from pytest_vram import StepSpec, forksafe, gpus, plugin, ranks
 from pytest_vram.errors import is_oom
@@ -42,24 +42,11 @@ def test_deepspeed_gets_the_meters_accelerator_whatever_was_exported(
     assert os.environ["DS_ACCELERATOR"] == expected
 
 
-HOST_SERVER = """
-import os
-import sys
-from pathlib import Path
-
-from pytest_vram.worker import Job, Worker
-
-
-def accelerator(path):
+ACCELERATOR = """
+def seen(path):
     from deepspeed.accelerator import get_accelerator
 
     Path(path).write_text(get_accelerator().device_name())
-
-
-if __name__ == "__main__":
-    os.environ["DS_ACCELERATOR"] = "cuda"  # exported by the user, for their GPU runs
-    result = Worker("host").run(Job("host", fn=accelerator, args=(sys.argv[1],)), timeout_s=300)
-    print(type(result).__name__, result)
 """
 
 
@@ -69,19 +56,8 @@ def test_the_host_servers_deepspeed_has_the_cpu_accelerator_whatever_was_exporte
     """The host worker server imports DeepSpeed before any case, so its accelerator is the
     server's, not the case child's (set_accelerator there comes after the import)."""
     pytest.importorskip("deepspeed")
-    script, seen = tmp_path / "server.py", tmp_path / "accelerator.txt"
-    script.write_text(HOST_SERVER)
-    done = subprocess.run(
-        [sys.executable, str(script), str(seen)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0 and done.stdout.startswith("MemoryResult"), (
-        done.stdout + done.stderr
-    )
-    assert seen.read_text() == "cpu"
+    exported = {"DS_ACCELERATOR": "cuda"}  # by the user, for their GPU runs
+    assert seen_by_a_case(tmp_path, ACCELERATOR, exported) == "cpu"
 
 
 @pytest.mark.parametrize(

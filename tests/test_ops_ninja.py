@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fresh_server import seen_by_a_case
 
 from pytest_vram.zero.ops import ninja_first
 
@@ -74,20 +75,8 @@ def test_build_ops_without_the_venv_on_path_rebuilds_nothing() -> None:
 
 
 CASE_PATH = """
-import os
-import sys
-from pathlib import Path
-
-from pytest_vram.worker import Job, Worker
-
-
-def path_seen(out):
-    Path(out).write_text(os.environ["PATH"])
-
-
-if __name__ == "__main__":
-    result = Worker("host").run(Job("host", fn=path_seen, args=(sys.argv[1],)), timeout_s=300)
-    print(type(result).__name__, result)
+def seen(path):
+    Path(path).write_text(os.environ["PATH"])
 """
 
 
@@ -95,18 +84,6 @@ def test_a_case_and_its_ranks_find_the_ninja_beside_python_first(tmp_path: Path)
     venv_bin = os.path.dirname(sys.executable)
     if not os.access(os.path.join(venv_bin, "ninja"), os.X_OK):
         pytest.skip("no ninja beside this Python")
-    script, seen = tmp_path / "case.py", tmp_path / "path.txt"
-    script.write_text(CASE_PATH)
     system = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
-    done = subprocess.run(
-        [sys.executable, str(script), str(seen)],
-        env={**os.environ, "PATH": system},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0 and done.stdout.startswith("MemoryResult"), (
-        done.stdout + done.stderr
-    )
-    assert seen.read_text().split(os.pathsep)[0] == venv_bin
+    seen = seen_by_a_case(tmp_path, CASE_PATH, {"PATH": system})
+    assert seen.split(os.pathsep)[0] == venv_bin
