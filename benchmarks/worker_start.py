@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 
-IMPORT = [sys.executable, "-c", "import torch, transformers"]
+from speed import IMPORT, seconds  # this folder is on sys.path when run as a script
+
 # A case that measures os.getpid: nothing but the isolation around it.
 START = """
 import os
@@ -33,12 +33,6 @@ result = Worker().run(Job("host", fn=os.getpid), timeout_s=600)
 assert isinstance(result, MemoryResult), result
 """
 ZERO = ((3, "none", 2), (2, "optimizer", 2), (3, "none", 4))
-
-
-def seconds(argv: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    return time.perf_counter() - start
 
 
 def zero_cases(repeat: int) -> dict[str, list[float]]:
