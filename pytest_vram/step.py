@@ -324,7 +324,9 @@ def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) ->
             and opt.repeats_backward
             else None
         )
-        if replays is not None and isinstance(meter, RepeatsLayers):
+        # Layers repeat within a step whatever the optimizer does between steps (LOMO's update
+        # inside the backward runs live from each replayed gradient's hooks).
+        if isinstance(meter, RepeatsLayers) and isinstance(trainer, _OptimizerTrainer):
             meter.repeat_layers(model)
         for step in range(1, spec.steps + 1):
             meter.step_begin()

@@ -35,6 +35,9 @@ CASES = [
     {"method": "lora", "stage": "dpo"},
     {"method": "qlora", "grad_ckpt": True},
     {"method": "full", "optimizer": "galore-adamw"},
+    # LOMO's update is a tensor hook on every parameter, run live where each gradient arrives.
+    {"method": "full", "optimizer": "lomo"},
+    {"method": "full", "optimizer": "lomo", "grad_ckpt": True, "precision": "fp16"},
 ]
 
 
@@ -54,6 +57,8 @@ def test_replayed_layers_measure_what_the_host_meter_runs(fields: dict[str, Any]
         pytest.importorskip("bitsandbytes")
     if fields.get("optimizer") == "galore-adamw":
         pytest.importorskip("galore_torch")
+    if fields.get("optimizer") == "lomo":
+        pytest.importorskip("lomo_optim")
     spec = StepSpec.from_kwargs(model="tiny-llama", batch=2, seq=64, **fields)
     meter = FakeMeter()
     fake = run_step(spec, meter)
@@ -61,14 +66,24 @@ def test_replayed_layers_measure_what_the_host_meter_runs(fields: dict[str, Any]
     assert _numbers(fake) == _numbers(run_step(spec, HostMeter()))
 
 
-@pytest.mark.parametrize("fields", [{"method": "full"}, {"method": "lora", "grad_ckpt": True}])
+# LLaMA-7B's 32 layers: 31 replayed in the first step; the second step is replayed whole, or,
+# for LOMO, whose update runs inside the backward, its 32 layers are replayed too.
+@pytest.mark.parametrize(
+    ("fields", "replayed_layers"),
+    [
+        ({"method": "full"}, 31),
+        ({"method": "lora", "grad_ckpt": True}, 31),
+        ({"method": "full", "optimizer": "lomo", "precision": "fp16", "attention": "eager"}, 63),
+    ],
+    ids=lambda f: "-".join(map(str, f.values())) if isinstance(f, dict) else str(f),
+)
 def test_a_real_size_step_with_replayed_layers_is_the_traced_one_event_for_event(
-    fields: dict[str, Any],
+    fields: dict[str, Any], replayed_layers: int
 ) -> None:
     spec = StepSpec.from_kwargs(model="llama-7b", batch=1, seq=32, **fields)
     traced = run_step(spec, without := FakeMeter(replay_layers=False))
     replayed = run_step(spec, with_replay := FakeMeter())
-    assert (without.replayed_layers, with_replay.replayed_layers) == (0, 31)
+    assert (without.replayed_layers, with_replay.replayed_layers) == (0, replayed_layers)
     assert _numbers(replayed) == _numbers(traced)
     assert_same_trace(replayed, with_replay, traced, without)
 

@@ -1,10 +1,11 @@
 """The probe of a decoder layer (``meters.layers``): its events, traced into a scratch ledger.
 
 The layer runs forward on fresh copies of the tensors it was called with, then backward from a
-fresh output gradient, with its parameters' gradient hooks set aside. The copies and the
-gradient are fresh storages held by the probe's graph alone, as the real graph holds a layer's
-input and gradient, so their frees fall where the real run's do; what the graph still holds
-after the forward (the input, checkpointing's rotary tables) is what a replay must hold.
+fresh output gradient, with its parameters' gradient hooks (tensor and accumulate hooks) set
+aside. The copies and the gradient are fresh storages held by the probe's graph alone, as the
+real graph holds a layer's input and gradient, so their frees fall where the real run's do;
+what the graph still holds after the forward (the input, checkpointing's rotary tables) is what
+a replay must hold.
 
 The probe proves that the layer stands alone, or ``Refused`` is raised: the forward frees only
 what it made; the backward frees only what the layer made, the output gradient and the inputs
@@ -15,6 +16,7 @@ gradients are left, each a whole storage a replay can adopt.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, final
 
@@ -61,8 +63,10 @@ class Template:
     held: list[bool]
     grad_out_sid: int
     grad_in: tuple[int, torch.Size, tuple[int, ...], torch.dtype] | None
-    # Event index -> (parameter index, sid): the gradient AccumulateGrad set there.
-    grads: dict[int, list[tuple[int, int]]]
+    # Event index -> (parameter index, sid, arrived, accumulated): the gradient AccumulateGrad
+    # set there, and the operator counts where it arrived (its tensor hooks run from there) and
+    # where it was set (its accumulate hooks run from there).
+    grads: dict[int, list[tuple[int, int, int, int]]]
 
 
 def probe(
@@ -79,16 +83,21 @@ def probe(
     scratch = StorageLedger(EventLog(frames=host.ledger.events.frames))
     scratch.outside = host.ledger.known()
     params = [p for p in layer.parameters() if p.requires_grad]
-    hooks = [p._post_accumulate_grad_hooks for p in params]
-    grads: dict[int, list[tuple[int, int]]] = {}
+    # Set aside: a tensor hook (LOMO's fused update) and an accumulate hook act on the whole
+    # model, not on the probe; a replay runs them live where the probe set each gradient.
+    hooks = [(p._backward_hooks, p._post_accumulate_grad_hooks) for p in params]
+    grads: dict[int, list[tuple[int, int, int, int]]] = {}
+    arrived: dict[int, int] = {}
     grad_in: list[torch.Tensor] = []
     marks: dict[str, int] = {}
     log = scratch.events
     try:
         with host.recording_into(scratch):
             for i, p in enumerate(params):
+                p._backward_hooks = None
                 p._post_accumulate_grad_hooks = None  # type: ignore[assignment]
-                p.register_post_accumulate_grad_hook(_Record(scratch, grads, i))
+                p.register_hook(functools.partial(_arrived, scratch.events, arrived, i))
+                p.register_post_accumulate_grad_hook(_Record(scratch, grads, arrived, i))
             box = _Box(host, scratch, marks, grad_in)
             given = flatten(args, kwargs)
             if len({t.untyped_storage()._cdata for t in given}) != len(given) or any(
@@ -141,8 +150,9 @@ def probe(
             _check(template, scratch, marks.get("fresh_backward"))
             del out
     finally:
-        for p, saved in zip(params, hooks, strict=True):
-            p._post_accumulate_grad_hooks = saved
+        for p, (tensor_hooks, accumulate_hooks) in zip(params, hooks, strict=True):
+            p._backward_hooks = tensor_hooks  # setting it re-registers them with autograd
+            p._post_accumulate_grad_hooks = accumulate_hooks
             p.grad = None
         scratch.closed = True
     return template
@@ -176,7 +186,7 @@ def _check(t: Template, scratch: StorageLedger, fresh_backward: int | None) -> N
         raise Refused
     if any(not t.backward.start < i <= t.backward.stop for i in t.grads):
         raise Refused  # a gradient set outside the backward's events
-    kept = {sid for _, sid in (g for gs in t.grads.values() for g in gs)}
+    kept = {g[1] for gs in t.grads.values() for g in gs}
     if -1 in kept:
         raise Refused
     kept |= {t.out[0]} | ({t.grad_in[0]} if t.grad_in else set())
@@ -201,19 +211,32 @@ class _Box:
             return torch.empty_strided(size, stride, dtype=dtype)
 
 
+def _arrived(log: EventLog, arrived: dict[int, int], i: int, _grad: torch.Tensor) -> None:
+    """A probe's tensor hook: the operator count where a parameter's gradient arrived."""
+    arrived[i] = log.ops
+
+
 @final
 class _Record:
     """A probe's accumulate hook: where each parameter's gradient was set, and to what."""
 
-    def __init__(self, scratch: StorageLedger, grads: dict[int, list[tuple[int, int]]], i: int):
-        self.scratch, self.grads, self.i = scratch, grads, i
+    def __init__(
+        self,
+        scratch: StorageLedger,
+        grads: dict[int, list[tuple[int, int, int, int]]],
+        arrived: dict[int, int],
+        i: int,
+    ) -> None:
+        self.scratch, self.grads, self.arrived, self.i = scratch, grads, arrived, i
 
     def __call__(self, p: torch.Tensor) -> None:
         g = p.grad
         sid = self.scratch.track(g) if g is not None else None
         if g is None or sid is None or g.size() != p.size() or g.stride() != p.stride():
             sid = -1  # refused by _check
-        self.grads.setdefault(len(self.scratch.events), []).append((self.i, sid))
+        log = self.scratch.events
+        entry = (self.i, sid, self.arrived.pop(self.i, log.ops), log.ops)
+        self.grads.setdefault(len(log), []).append(entry)
 
 
 class _Fresh(torch.autograd.Function):

@@ -13,14 +13,14 @@ graph holds a layer's input and gradient: their frees fall where the real run's 
 call of that kind replays the probe's forward events (with new storage ids) and returns a
 tensor adopted as the output's storage; autograd reaches it through a ``Function`` whose
 backward replays the probe's backward events, hands each parameter its gradient where
-AccumulateGrad did in the probe (running the parameter's own hooks then), and returns the input
-gradient. A storage a real tensor still holds (the input, the output gradient) is released in
-the ledger at the probe's point.
+AccumulateGrad did in the probe (running the parameter's tensor and accumulate hooks then, live:
+LOMO's fused update is such a hook), and returns the input gradient. A storage a real tensor
+still holds (the input, the output gradient) is released in the ledger at the probe's point.
 
 The probe must prove that the layer stands alone, or its kind runs as traced: the forward frees
 only what it made; the backward frees only what the layer made, its input and its output
 gradient; after the backward only the output, the input gradient and the parameters' gradients
-are left; no hooks on the layer or its parameters but the step's own accumulate hooks.
+are left; no hooks on the layer's modules.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _signature(
             return None
         tensors: list[tuple[Any, ...]] = []
         for pname, p in module.named_parameters(recurse=False):
-            if p._backward_hooks or p.grad is not None:
+            if p.grad is not None:
                 return None
             tensors.append((pname, type(p), _tensor_key(p)))
         for bname, b in module.named_buffers(recurse=False):
@@ -245,16 +245,27 @@ class LayerReplay:
                 held[k] = None  # freed as the probe's copy was, unless held elsewhere too
             else:
                 self._event(log, i, base, sids)
-            for index, sid in t.grads.get(i + 1, ()):
+            for index, sid, arrived, accumulated in t.grads.get(i + 1, ()):
                 p = params[index]
                 with self._host.paused():
                     grad = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype)
                 ledger.adopt(grad, sids[sid])
+                # As AccumulateGrad runs them, each from the probe's operator count plus what
+                # the hooks before ran live: the tensor hooks on the arriving gradient (LOMO
+                # updates and drops the previous parameter's here), then the accumulate hooks.
+                ops = ledger.events.ops = base + arrived
+                for hook in tuple((p._backward_hooks or {}).values()):
+                    changed = hook(grad)
+                    grad = grad if changed is None else changed
+                    del changed  # a reference kept here would outlive the parameter's .grad
+                base += ledger.events.ops - ops
                 p.grad = grad
                 del grad
+                ops = ledger.events.ops = base + accumulated
                 for hook in tuple((p._post_accumulate_grad_hooks or {}).values()):
                     hook(p)
-        ledger.events.ops = start + t.backward_ops
+                base += ledger.events.ops - ops
+        ledger.events.ops = base + t.op_base[1] + t.backward_ops
         if t.grad_in is None:
             return None
         sid, size, stride, dtype = t.grad_in
