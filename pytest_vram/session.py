@@ -14,11 +14,7 @@ import pytest
 from pytest_vram.baselines import BaselineError, BaselineStore, Entries
 from pytest_vram.errors import SpecError
 from pytest_vram.fixture import CAPACITIES, MARKER_ARGS, MARKER_ERROR, RESULTS
-from pytest_vram.marker import (
-    MARKER,
-    MarkerArgs,
-    parse_marker,
-)
+from pytest_vram.marker import MARKER, MarkerArgs, parse_marker
 from pytest_vram.meters import unsupported
 from pytest_vram.meters.base import FIXED_FINGERPRINTS
 from pytest_vram.options import Settings
@@ -31,7 +27,6 @@ from pytest_vram.worker import Job, Worker
 __all__ = ["VramSession", "baseline_key"]
 
 _PROPERTY: Final = "vram"
-# Host baselines need no probe of the device; cuda fingerprints come back with the first result.
 
 
 def baseline_key(item: pytest.Item, rootpath: Path) -> tuple[str, str]:
@@ -60,7 +55,8 @@ class VramSession:
         self.settings = settings
         self._worker: Worker | None = None
         self.measured: dict[tuple[str, str, tuple[str, ...]], MemoryResult] = {}
-        self._snapshot_tmp: str | None = None
+        # Cases' snapshots until kept or dropped, and the fake meter's traces: removed at the end.
+        self._tmp = tempfile.mkdtemp(prefix="pytest-vram-")
         self.gpu_devices: list[str] | None = None  # with --gpu: the GPUs this process may use
         # The meter the worker server is preloaded for: a test marked device="cuda" needs the
         # cuda server even in a host session (its preload must leave fork usable).
@@ -75,15 +71,16 @@ class VramSession:
         # Invalid baseline entries a refresh replaced or kept: "<file>: <test> / <label>: <why>"
         self.invalid: dict[str, list[str]] = {"replaced": [], "kept": []}
         self.devices: set[str] = set()
+        # Host baselines need no probe of the device; cuda fingerprints come with the first result.
         if settings.device in FIXED_FINGERPRINTS:
             self.devices.add(FIXED_FINGERPRINTS[settings.device])
 
     def job(self, meter: str, **fields: Any) -> Job:
         options: dict[str, Any] = {}
         if self.settings.snapshots != "none":
-            if self._snapshot_tmp is None:
-                self._snapshot_tmp = tempfile.mkdtemp(prefix="pytest-vram-snapshots-")
-            options["snapshot_dir"] = self._snapshot_tmp
+            options["snapshot_dir"] = os.path.join(self._tmp, "snapshots")
+        if meter == "fake":  # its ZeRO cases of one step share a trace (zero.traces)
+            options["trace_dir"] = os.path.join(self._tmp, "traces")
         if meter == "cuda":
             options["peak_source"] = self.settings.peak_source
         return Job(meter, meter_options=options, **fields)
@@ -336,8 +333,7 @@ class VramSession:
             workeroutput["vram_unused"] = self.summary.unused
             workeroutput["vram_errors"] = self.errors
             workeroutput["vram_invalid"] = self.invalid
-        if self._snapshot_tmp is not None:
-            shutil.rmtree(self._snapshot_tmp, ignore_errors=True)
+        shutil.rmtree(self._tmp, ignore_errors=True)
         if workeroutput is None and self.settings.json_path is not None:
             try:
                 write_json(self.settings.json_path, self.summary, self.errors)

@@ -255,8 +255,7 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
     if spec.zero is not None and meter.simulates_zero:
         from pytest_vram.zero import simulation
 
-        traced = _run(simulation.plain(spec), meter, simulation_of=spec)
-        return simulation.simulate(traced, spec)
+        return simulation.simulate(_simulation_trace(spec, meter), spec)
     if spec.zero is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(
@@ -269,6 +268,24 @@ def run_step(spec: StepSpec, meter: Meter, rank_imports: Sequence[str] = ()) -> 
         body = functools.partial(_run, spec)
         return ranks.run_ranks(spec.ranks, spec.label, meter, body, rank_imports, start_group=True)
     return _run(spec, meter)
+
+
+def _simulation_trace(spec: StepSpec, meter: Meter) -> MemoryResult:
+    """The trace ``zero.simulation`` lays ``spec`` out from: kept by the meter's session for
+    its other ZeRO specs of the same step (``zero.traces``), or made here."""
+    from pytest_vram.zero import simulation
+
+    plain = simulation.plain(spec)
+    store = meter.traces
+    key = store.key(plain, spec) if store is not None else None
+    if store is not None and key is not None:
+        kept = store.get(key, spec)
+        if kept is not None:
+            return kept
+    traced = _run(plain, meter, simulation_of=spec)
+    if store is not None and key is not None:
+        store.put(key, traced)
+    return traced
 
 
 def _run(spec: StepSpec, meter: Meter, simulation_of: StepSpec | None = None) -> MemoryResult:

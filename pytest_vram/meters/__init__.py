@@ -14,10 +14,13 @@ METERS = ("host", "cuda", "fake")
 
 
 def make_meter(name: str, **options: Any) -> Meter:
-    """``options``: ``snapshot_dir`` for every meter; ``peak_source`` for the cuda meter."""
-    if name != "cuda" and set(options) - {"snapshot_dir"}:
+    """``options``: ``snapshot_dir`` for every meter; ``peak_source`` for the cuda meter;
+    ``trace_dir`` for the fake meter."""
+    takes = {"snapshot_dir", "trace_dir"} if name == "fake" else {"snapshot_dir"}
+    if name != "cuda" and set(options) - takes:
         raise ValueError(
-            f"the {name} meter takes only snapshot_dir; got {', '.join(sorted(options))}"
+            f"the {name} meter takes only {' and '.join(sorted(takes))}; "
+            f"got {', '.join(sorted(options))}"
         )
     if name == "host":
         from pytest_vram.meters.host import HostMeter

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
+    from pytest_vram.zero.traces import TraceStore
+
 __all__ = [
     "DeviceIndexed",
     "HostOffloadTagging",
@@ -59,6 +61,9 @@ class Meter(Protocol):
     # True for a meter under which DeepSpeed cannot run: run_step traces a ZeRO case without
     # it and lays the state out per rank (pytest_vram.zero.simulation) instead of forking ranks.
     simulates_zero: ClassVar[bool] = False
+    # Where such a meter keeps the session's traces for its other ZeRO specs of the same step
+    # (``zero.traces``); None: each ZeRO case is traced.
+    traces: TraceStore | None = None
 
     def fingerprint(self) -> str:
         """The device's baseline folder name: fixed for a meter whose device is always the same

@@ -51,6 +51,7 @@ from pytest_vram.meters.layers import LayerReplay
 from pytest_vram.meters.repeat import StepReplay
 from pytest_vram.result import StepMeasure
 from pytest_vram.timeline import Timeline
+from pytest_vram.zero.traces import TraceStore
 
 if TYPE_CHECKING:
     from pytest_vram.spec import StepSpec
@@ -70,10 +71,18 @@ class FakeMeter(Meter, MemorySnapshots, RepeatsSteps, RepeatsLayers):
     # The DeepSpeed engine does not run under FakeTensorMode.
     simulates_zero = True
 
-    def __init__(self, snapshot_dir: str | None = None, *, replay_layers: bool = True) -> None:
+    def __init__(
+        self,
+        snapshot_dir: str | None = None,
+        *,
+        replay_layers: bool = True,
+        trace_dir: str | None = None,
+    ) -> None:
         """``replay_layers``: replay repeated decoder layers (``meters.layers``); off, every
-        layer is traced (the tests compare the two)."""
+        layer is traced (the tests compare the two). ``trace_dir``: the session's folder of
+        simulated ZeRO traces (``zero.traces``)."""
         self._host = HostMeter(snapshot_dir, fp32_matmul=False)  # fake tensors: no arithmetic
+        self.traces = TraceStore(trace_dir, snapshot_dir) if trace_dir is not None else None
         self._replay_layers = replay_layers
         self._layers: LayerReplay | None = None
         # Libraries keep module-level real tensors (bitsandbytes' quantization map): fake mode
