@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, final
 
@@ -90,13 +91,15 @@ class TraceStore:
         """Keep ``traced`` (and its snapshot) for the session's next spec of the same step;
         written whole or not at all."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if traced.snapshot_path and os.path.exists(traced.snapshot_path):
-            _write(self.directory / f"{key}.pickle", Path(traced.snapshot_path).read_bytes())
-        _write(self.directory / f"{key}.json", traced.to_json().encode())
+        snapshot = traced.snapshot_path
+        if snapshot is not None and os.path.exists(snapshot):
+            _write(self.directory / f"{key}.pickle", lambda tmp: shutil.copyfile(snapshot, tmp))
+        _write(self.directory / f"{key}.json", lambda tmp: Path(tmp).write_text(traced.to_json()))
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, fill: Callable[[str], object]) -> None:
+    """``fill`` a temporary file beside ``path``, then move it there: whole or not at all."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    os.close(fd)
+    fill(tmp)
     os.replace(tmp, path)
