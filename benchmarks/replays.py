@@ -53,9 +53,9 @@ def main() -> None:
     rows.append(("LOMO 7B b8 s512 eager: layers replayed / traced", replayed, traced))
 
     offload = dataclasses.replace(QLORA_32B, offload="both")
-    folder = tempfile.mkdtemp(prefix="pytest-vram-traces-")
-    run_step(QLORA_32B, FakeMeter(trace_dir=folder))
-    kept = timed(lambda: run_step(offload, FakeMeter(trace_dir=folder)))
+    with tempfile.TemporaryDirectory(prefix="pytest-vram-traces-") as folder:
+        run_step(QLORA_32B, FakeMeter(trace_dir=folder))
+        kept = timed(lambda: run_step(offload, FakeMeter(trace_dir=folder)))
     own = timed(lambda: run_step(offload, FakeMeter()))
     rows.append(("32B QLoRA ZeRO-3 r8 offload: kept trace / own", kept, own))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -53,10 +54,7 @@ class VramSession:
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
-        self._worker: Worker | None = None
         self.measured: dict[tuple[str, str, tuple[str, ...]], MemoryResult] = {}
-        # Cases' snapshots until kept or dropped, and the fake meter's traces: removed at the end.
-        self._tmp = tempfile.mkdtemp(prefix="pytest-vram-")
         self.gpu_devices: list[str] | None = None  # with --gpu: the GPUs this process may use
         # The meter the worker server is preloaded for: a test marked device="cuda" needs the
         # cuda server even in a host session (its preload must leave fork usable).
@@ -74,6 +72,11 @@ class VramSession:
         # Host baselines need no probe of the device; cuda fingerprints come with the first result.
         if settings.device in FIXED_FINGERPRINTS:
             self.devices.add(FIXED_FINGERPRINTS[settings.device])
+
+    @functools.cached_property
+    def _tmp(self) -> str:
+        """Cases' snapshots until kept or dropped, and the fake meter's traces: removed at the end."""
+        return tempfile.mkdtemp(prefix="pytest-vram-")
 
     def job(self, meter: str, **fields: Any) -> Job:
         options: dict[str, Any] = {}
@@ -99,11 +102,9 @@ class VramSession:
         shutil.move(path, target)
         return str(target)
 
-    @property
+    @functools.cached_property
     def worker(self) -> Worker:
-        if self._worker is None:
-            self._worker = Worker(self.worker_meter)
-        return self._worker
+        return Worker(self.worker_meter)  # started by the first case, not before
 
     def store(self, device: str) -> BaselineStore:
         if device not in self._stores:
@@ -333,7 +334,8 @@ class VramSession:
             workeroutput["vram_unused"] = self.summary.unused
             workeroutput["vram_errors"] = self.errors
             workeroutput["vram_invalid"] = self.invalid
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if "_tmp" in vars(self):  # made by the first case
+            shutil.rmtree(self._tmp, ignore_errors=True)
         if workeroutput is None and self.settings.json_path is not None:
             try:
                 write_json(self.settings.json_path, self.summary, self.errors)
