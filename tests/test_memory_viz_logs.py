@@ -108,6 +108,20 @@ def test_frames_are_shared_between_events_of_one_stack() -> None:
     assert trace[2]["frames"][0] is innermost
 
 
+def test_events_replayed_from_another_log_keep_its_stacks() -> None:
+    """A layer probe's events replayed into the meter's log: each keeps the stack it was made
+    with, and one stack of the probe is one stack here however often it is replayed."""
+    probe, log = EventLog(frames=True), EventLog(frames=True)
+    _alloc_here(probe, 0)
+    _alloc_here(probe, 1)
+    _alloc_here(log, 9)  # a stack of the log's own first: the probe's are not at its indexes
+    for sid in range(4):
+        log.add_replayed(sid % 2, 10 + sid, 8, 0, source=probe)
+    assert [log.frames_of(i) for i in range(1, 5)] == [probe.frames_of(i % 2) for i in range(4)]
+    assert log.stack[1] == log.stack[3] != log.stack[2] == log.stack[4]
+    assert len(log._stacks) == 3  # the log's own and the probe's two
+
+
 def test_a_gpu_snapshots_timeline() -> None:
     """As torch writes it: epoch microseconds, a ring buffer that lost its oldest events (a
     block freed here was allocated before them), a pending free, other devices and actions."""

@@ -52,6 +52,9 @@ class EventLog:
         # Keyed by id(code) and offset, which hash much faster than code objects. Each stored
         # stack holds its codes, so no id in a key can be reused by another code object.
         self._stack_ids: dict[tuple[int, ...], int] = {}
+        # Another log's stacks replayed here (a layer probe's), by id(log): each interned once.
+        # The log is kept with them, so its id is not another log's.
+        self._imported: dict[int, tuple[EventLog, dict[int, int]]] = {}
         self._skip: dict[str, bool] = {}
         self._lines: dict[tuple[CodeType, int], int] = {}
         self.phases: list[Phase] = []
@@ -81,8 +84,15 @@ class EventLog:
         self.live_bytes.append(live_bytes)
         stack = log.stack[index]
         if log is not self and stack >= 0:
-            stack = self._intern(log._stacks[stack]) if self.frames else -1
+            stack = self._import(log, stack) if self.frames else -1
         self.stack.append(stack)
+
+    def _import(self, source: EventLog, stack: int) -> int:
+        _, ids = self._imported.setdefault(id(source), (source, {}))
+        found = ids.get(stack)
+        if found is None:
+            found = ids[stack] = self._intern(source._stacks[stack])
+        return found
 
     def _intern(self, codes: tuple[tuple[CodeType, int], ...]) -> int:
         flat = tuple(x for code, offset in codes for x in (id(code), offset))
