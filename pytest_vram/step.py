@@ -278,12 +278,11 @@ def _simulation_trace(spec: StepSpec, meter: Meter) -> MemoryResult:
     plain = simulation.plain(spec)
     store = meter.traces
     key = store.key(plain, spec) if store is not None else None
-    if store is not None and key is not None:
-        kept = store.get(key, spec)
-        if kept is not None:
-            return kept
-    traced = _run(plain, meter, simulation_of=spec)
-    if store is not None and key is not None:
+    if store is None or key is None:
+        return _run(plain, meter, simulation_of=spec)
+    traced = store.get(key, spec)
+    if traced is None:
+        traced = _run(plain, meter, simulation_of=spec)
         store.put(key, traced)
     return traced
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final, final
@@ -81,7 +80,7 @@ class TraceStore:
         if self.snapshot_dir is not None and kept.exists():
             os.makedirs(self.snapshot_dir, exist_ok=True)
             snapshot = os.path.join(self.snapshot_dir, snapshot_filename(traced.label))
-            shutil.copyfile(kept, snapshot)
+            _place(kept, snapshot)
         # ds_config sizes the buckets as max(largest parameter, 2**16): the bucket is that.
         return dataclasses.replace(
             traced, zero_config=ds_config(spec, bucket), snapshot_path=snapshot
@@ -93,13 +92,22 @@ class TraceStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         snapshot = traced.snapshot_path
         if snapshot is not None and os.path.exists(snapshot):
-            _write(self.directory / f"{key}.pickle", lambda tmp: shutil.copyfile(snapshot, tmp))
-        _write(self.directory / f"{key}.json", lambda tmp: Path(tmp).write_text(traced.to_json()))
+            _write(self.directory / f"{key}.pickle", lambda tmp: _place(snapshot, tmp))
+        _write(self.directory / f"{key}.json", lambda tmp: tmp.write_text(traced.to_json()))
 
 
-def _write(path: Path, fill: Callable[[str], object]) -> None:
+def _place(source: str | Path, target: str | Path) -> None:
+    """``source``'s content at ``target`` (absent): a hard link where the file system allows
+    one (a snapshot is written once and never changed; the session deletes or moves the
+    case's copy), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _write(path: Path, fill: Callable[[Path], object]) -> None:
     """``fill`` a temporary file beside ``path``, then move it there: whole or not at all."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # one writer per process
     fill(tmp)
     os.replace(tmp, path)
