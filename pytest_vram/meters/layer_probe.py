@@ -28,14 +28,14 @@ from pytest_vram.meters.host import StorageLedger
 if TYPE_CHECKING:
     from pytest_vram.meters.host import HostMeter
 
-__all__ = ["Refused", "Template", "flatten", "probe"]
+__all__ = ["Refused", "Template", "flatten", "probe", "whole"]
 
 
 class Refused(Exception):
     """The probe does not prove the layer repeatable."""
 
 
-def _whole(t: object) -> bool:
+def whole(t: object) -> bool:
     """A tensor that is its whole storage: it can be remade and adopted."""
     return (
         isinstance(t, torch.Tensor)
@@ -116,7 +116,7 @@ def probe(
             forward = range(start, len(log))
             forward_ops = log.ops - op_start
             del pargs, pkwargs
-            if not _whole(out) or None in input_sids:
+            if not whole(out) or None in input_sids:
                 raise Refused
             out_sid = scratch.track(out)
             held = [sid is not None and scratch.is_live(sid) for sid in input_sids]
@@ -144,7 +144,7 @@ def probe(
             if grad_in:
                 g = grad_in[0]
                 sid = scratch.track(g)
-                if not _whole(g) or sid is None:
+                if not whole(g) or sid is None:
                     raise Refused
                 template.grad_in = (sid, g.size(), g.stride(), g.dtype)
             _check(template, scratch, marks.get("fresh_backward"))

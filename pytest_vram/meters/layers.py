@@ -17,6 +17,10 @@ AccumulateGrad did in the probe (running the parameter's tensor and accumulate h
 LOMO's fused update is such a hook), and returns the input gradient. A storage a real tensor
 still holds (the input, the output gradient) is released in the ledger at the probe's point.
 
+A first call that casts the layer's own parameters (bitsandbytes' Linear4bit casts its bias to
+the input's dtype) is probed as it left the layer, and its kind is replayed with the casts
+spliced in where the first call made them (``meters.layer_casts``).
+
 The probe must prove that the layer stands alone, or its kind runs as traced: the forward frees
 only what it made; the backward frees only what the layer made, its input and its output
 gradient; after the backward only the output, the input gradient and the parameters' gradients
@@ -32,6 +36,13 @@ from typing import TYPE_CHECKING, Any, Final, final
 import torch
 
 from pytest_vram.meters.events import ALLOC, EventLog
+from pytest_vram.meters.layer_casts import (
+    FirstCall,
+    cast_parameters,
+    first_call,
+    make_cast,
+    parameter_sids,
+)
 from pytest_vram.meters.layer_probe import Refused, Template, flatten, probe
 
 if TYPE_CHECKING:
@@ -173,42 +184,77 @@ class LayerReplay:
         if template is None:
             # The call first: what it converts or builds once (fake copies of a library's
             # module-level tensors) is then the real ledger's, not the probe's.
+            log = self._host.ledger.events
+            before = parameter_sids(layer, self._host.ledger)
+            start, op_start = len(log), log.ops
             out = run(*args, **kwargs)
-            # A layer whose call changes the layer (bitsandbytes' Linear4bit casts its bias to
-            # the input's dtype) changes each layer it runs: a replay would not.
-            changed = _signature(layer, index, args, kwargs) != key
-            try:
-                self._templates[key] = (
-                    _REFUSED
-                    if changed
-                    else probe(self._host, self._anchor, layer, run, args, kwargs)
-                )
-            except Refused:
-                self._templates[key] = _REFUSED
+            calls = (layer, index, run, args, kwargs)
+            made = (before, range(start, len(log)), range(op_start, log.ops))
+            self._templates[key] = self._template(key, calls, made)
             return out
-        if not isinstance(template, Template):
+        if template is _REFUSED:
             return run(*args, **kwargs)
         self.replayed += 1
+        first = template if isinstance(template, FirstCall) else None
+        t = template.steady if isinstance(template, FirstCall) else template
+        assert isinstance(t, Template)
         params = [p for p in layer.parameters() if p.requires_grad]
-        if template.backward:
-            held = [
-                t if h else None for t, h in zip(flatten(args, kwargs), template.held, strict=True)
-            ]
-            return _Replayed.apply(self, template, params, held, self._anchor, args[0])
-        return self._forward(template)[0]
+        if t.backward:
+            held = [x if h else None for x, h in zip(flatten(args, kwargs), t.held, strict=True)]
+            return _Replayed.apply(self, t, params, held, (layer, first), self._anchor, args[0])
+        return self._forward(t, layer, first)[0]
+
+    def _template(
+        self, key: Any, calls: tuple[Any, ...], made: tuple[dict[str, int], range, range]
+    ) -> Template | FirstCall | object:
+        """The template of signature ``key``, after its first call: a probe of the layer, or,
+        for a call that cast the layer's parameters (bitsandbytes' Linear4bit casts its bias),
+        a probe of the layer as the call left it, with the casts (``meters.layer_casts``)."""
+        layer, index, run, args, kwargs = calls
+        after = _signature(layer, index, args, kwargs)
+        try:
+            if after == key:
+                return probe(self._host, self._anchor, layer, run, args, kwargs)
+            casts = cast_parameters(key, after)
+            steady = self._templates.get(after)
+            if steady is None:
+                self._templates[after] = steady = _REFUSED
+                steady = probe(self._host, self._anchor, layer, run, args, kwargs)
+                if _signature(layer, index, args, kwargs) != after:
+                    raise Refused  # the probe's call changed the layer again
+                self._templates[after] = steady
+            if not isinstance(steady, Template):
+                return _REFUSED
+            return first_call(steady, casts, layer, self._host.ledger, *made)
+        except Refused:
+            return _REFUSED
 
     # The probe.
 
     # The replay.
 
-    def _forward(self, t: Template) -> tuple[torch.Tensor, dict[int, int]]:
+    def _forward(
+        self, t: Template, layer: torch.nn.Module, first: FirstCall | None
+    ) -> tuple[torch.Tensor, dict[int, int]]:
         ledger = self._host.ledger
         sids: dict[int, int] = {}
         base = ledger.events.ops - t.op_base[0]
         start = ledger.events.ops
-        for i in t.forward:
-            self._event(t.log, i, base, sids)
-        ledger.events.ops = start + t.forward_ops
+        if first is None:
+            for i in t.forward:
+                self._event(t.log, i, base, sids)
+            ledger.events.ops = start + t.forward_ops
+        else:
+            casts = first.casts
+            done = 0
+            for place, i in enumerate(t.forward):
+                while done < len(casts) and casts[done].before == place:
+                    make_cast(self._host, layer.get_parameter(casts[done].path), casts[done], start)
+                    done += 1
+                self._event(t.log, i, base + done * first.cast_ops, sids)
+            for cast in casts[done:]:
+                make_cast(self._host, layer.get_parameter(cast.path), cast, start)
+            ledger.events.ops = start + first.forward_ops
         sid, size, stride, dtype = t.out
         with self._host.paused():
             out = torch.empty_strided(size, stride, dtype=dtype)
@@ -283,10 +329,11 @@ class _Replayed(torch.autograd.Function):
         t: Template,
         params: list[torch.Tensor],
         held: list[torch.Tensor | None],
+        first: tuple[torch.nn.Module, FirstCall | None],
         anchor: torch.Tensor,
         hidden: torch.Tensor,
     ) -> torch.Tensor:
-        out, sids = replay._forward(t)
+        out, sids = replay._forward(t, *first)
         # What the probe's graph held (the input, checkpointing's rotary tables) is held here
         # until the backward frees it where the probe's did.
         ctx.replay, ctx.t, ctx.params, ctx.sids, ctx.held = replay, t, params, sids, held
@@ -300,7 +347,7 @@ class _Replayed(torch.autograd.Function):
             ctx.sids[ctx.t.grad_out_sid] = sid
         grad_in = replay._backward(ctx.t, ctx.sids, ctx.params, ctx.held)
         ctx.held = None
-        return None, None, None, None, None, grad_in
+        return None, None, None, None, None, None, grad_in
 
 
 def _replaying(cls: type[torch.nn.Module], replay: LayerReplay) -> type[torch.nn.Module]:
