@@ -163,7 +163,8 @@ def make_cast(host: HostMeter, p: torch.Tensor, cast: Cast, start: int) -> None:
     """``cast`` made on ``p`` in a replay that began at operator ``start``, as the first call
     made it: the new storage, then the old one freed, the parameter holding the new one."""
     ledger = host.ledger
-    old = ledger.known()[p.untyped_storage()._cdata]
+    old = ledger.track(p)
+    assert old is not None  # a meta parameter: no layer of a fake or host model has one
     new = ledger.replay_alloc(cast.alloc, start + cast.alloc_op, None, cast.log)
     ledger.replay_free(cast.alloc + 1, old, start + cast.free_op, cast.log)
     with host.paused():
