@@ -7,6 +7,7 @@ The tests load the pickles they check; pytest-vram itself only writes them.
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import pickletools
 import re
@@ -23,7 +24,9 @@ from pytest_vram.meters.events import EventLog
 from pytest_vram.meters.fake import FakeMeter
 from pytest_vram.meters.host import HostMeter
 from pytest_vram.meters.memory_viz import (
+    snapshot_of,
     timeline_of_snapshot,
+    write_snapshot,
 )
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
@@ -243,6 +246,22 @@ def test_a_resize_and_an_offload_leave_their_segments(tmp_path: Path) -> None:
         ("segment_free", 1024),
     ]
     assert snapshot["segments"] == []
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_writing_leaves_the_garbage_collector_as_it_found_it(
+    host_case: Case, tmp_path: Path, collecting: bool
+) -> None:
+    """The collector is off while a snapshot's dicts are made, and back as it was after."""
+    log = host_case[1]
+    path = tmp_path / "snapshot.pickle"
+    (gc.enable if collecting else gc.disable)()
+    try:
+        write_snapshot(log, str(path))
+        assert gc.isenabled() is collecting
+    finally:
+        gc.enable()
+    assert _load(path) == snapshot_of(log)
 
 
 def test_a_meter_without_a_snapshot_dir_writes_none() -> None:

@@ -25,6 +25,7 @@ Torch-free. pytest-vram writes pickles and never loads one: unpickling can run c
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import re
@@ -220,7 +221,17 @@ def write_pickle(snapshot: Mapping[str, Any], path: str) -> None:
 
 def write_snapshot(log: EventLog, path: str, device: int = 0) -> None:
     """``snapshot_of(log)`` pickled to ``path``, whole or not at all."""
-    write_pickle(snapshot_of(log, device), path)
+    # A long trace's snapshot is hundreds of thousands of new dicts, each counted towards the
+    # garbage collector's next pass over every object the case made (the model, its tensors):
+    # those passes were most of the writing's time, and dicts of numbers and strings make no
+    # cycle for them to find.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        write_pickle(snapshot_of(log, device), path)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def timeline_of_snapshot(
