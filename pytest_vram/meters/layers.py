@@ -218,7 +218,7 @@ class LayerReplay:
             casts = cast_parameters(key, after)
             steady = self._templates.get(after)
             if steady is None:
-                self._templates[after] = steady = _REFUSED
+                self._templates[after] = _REFUSED  # unless the probe below proves the kind
                 steady = probe(self._host, self._anchor, layer, run, args, kwargs)
                 if _signature(layer, index, args, kwargs) != after:
                     raise Refused  # the probe's call changed the layer again
