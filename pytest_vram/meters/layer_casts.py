@@ -10,7 +10,8 @@ storage followed at once by the free of the old), and the call's other events ar
 probe's forward event for event, each later by the operators the casts before it dispatched.
 A replay of that template makes each cast where the first call made it: the new storage
 allocated and the old one freed in the ledger, the parameter's data replaced by a tensor
-adopted as the new storage.
+adopted as the new storage. Its backward is the steady probe's: each cast comes before the
+parameter's first use, so the call's graph holds only what the steady call's does.
 """
 
 from __future__ import annotations
