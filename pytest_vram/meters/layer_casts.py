@@ -53,10 +53,6 @@ class FirstCall:
     casts: tuple[Cast, ...]
     cast_ops: int  # operators one cast dispatches
 
-    @property
-    def forward_ops(self) -> int:
-        return self.steady.forward_ops + len(self.casts) * self.cast_ops
-
 
 def parameter_sids(layer: torch.nn.Module, ledger: StorageLedger) -> dict[str, int]:
     """The ledger's id of each parameter's storage, without registering any (a registration

@@ -197,7 +197,7 @@ class LayerReplay:
         self.replayed += 1
         first = template if isinstance(template, FirstCall) else None
         t = template.steady if isinstance(template, FirstCall) else template
-        assert isinstance(t, Template)
+        assert isinstance(t, Template)  # _REFUSED is the only other value
         params = [p for p in layer.parameters() if p.requires_grad]
         if t.backward:
             held = [x if h else None for x, h in zip(flatten(args, kwargs), t.held, strict=True)]
@@ -240,21 +240,16 @@ class LayerReplay:
         sids: dict[int, int] = {}
         base = ledger.events.ops - t.op_base[0]
         start = ledger.events.ops
-        if first is None:
-            for i in t.forward:
-                self._event(t.log, i, base, sids)
-            ledger.events.ops = start + t.forward_ops
-        else:
-            casts = first.casts
-            done = 0
-            for place, i in enumerate(t.forward):
-                while done < len(casts) and casts[done].before == place:
-                    make_cast(self._host, layer.get_parameter(casts[done].path), casts[done], start)
-                    done += 1
-                self._event(t.log, i, base + done * first.cast_ops, sids)
-            for cast in casts[done:]:
-                make_cast(self._host, layer.get_parameter(cast.path), cast, start)
-            ledger.events.ops = start + first.forward_ops
+        casts, cast_ops = (first.casts, first.cast_ops) if first is not None else ((), 0)
+        done = 0  # casts made
+        for place, i in enumerate(t.forward):
+            while done < len(casts) and casts[done].before == place:
+                make_cast(self._host, layer.get_parameter(casts[done].path), casts[done], start)
+                done += 1
+            self._event(t.log, i, base + done * cast_ops, sids)
+        for cast in casts[done:]:
+            make_cast(self._host, layer.get_parameter(cast.path), cast, start)
+        ledger.events.ops = start + t.forward_ops + len(casts) * cast_ops
         sid, size, stride, dtype = t.out
         with self._host.paused():
             out = torch.empty_strided(size, stride, dtype=dtype)
