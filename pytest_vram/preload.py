@@ -25,6 +25,7 @@ _HOST_PRELOAD: Final = (
     "deepspeed",  # once here, not in each ZeRO rank after its fork (0.7 s each)
     "pytest_vram.step",
     "pytest_vram.meters.host",
+    "pytest_vram.frozen_heap",  # last: freezes what the imports above made
 )
 # The cuda server's children must not be forks of a process that touched CUDA: only modules
 # that call no torch.cuda probe at import (tests/test_forksafe.py checks each one). peft, badam
@@ -38,6 +39,7 @@ _CUDA_PRELOAD: Final = (
     "transformers",
     "pytest_vram.step",
     "pytest_vram.meters.cuda",
+    "pytest_vram.frozen_heap",  # last: freezes what the imports above made
 )
 # What a cuda case's child imports before it forks its ZeRO ranks; the same rule applies.
 RANK_PARENT_MODULES: Final = (
