@@ -155,15 +155,16 @@ def _estimate(args: argparse.Namespace) -> Estimate:
 
 def _freeze_libraries() -> None:
     """Import what every trace needs, then freeze it (``frozen_heap``): this command is one
-    short process, whose trace would otherwise walk all of it in its first full collection
-    (6.0-6.3 s to 5.3-5.6 s for LLaMA-7B's step, end to end)."""
+    short process, and its trace's full collections would otherwise walk all of it."""
     import transformers.modeling_utils  # noqa: F401  # every model's base: most of the objects
 
     import pytest_vram.meters.fake  # noqa: F401
     import pytest_vram.step  # noqa: F401
     from pytest_vram import frozen_heap
 
-    frozen_heap.freeze_objects()  # again: a later call in one process (tests) has more
+    # Its first import froze what was alive then; in a process that calls main() more than
+    # once (tests), this freezes what came since.
+    frozen_heap.freeze_objects()
 
 
 def _capacity(text: str) -> int:
