@@ -19,15 +19,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, final
 
 from filelock import FileLock
 
+from pytest_vram import files
 from pytest_vram.result import MemoryResult
 
 __all__ = ["BaselineError", "BaselineStore", "Entries", "Invalid", "Merge", "valid_entries"]
@@ -219,7 +218,7 @@ class BaselineStore:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             else:
-                _atomic_write(path, text)
+                files.write_text(path, text, sync=True)
         merged = self._cache[path] = _check(self.device, text if changed else current.text, raw)
         return Merge(
             **counts,
@@ -366,21 +365,3 @@ def _lock(root: Path) -> Iterator[None]:
         f.write("# pytest-vram's write lock\n*\n")
     with FileLock(folder / "lock"):
         yield
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 would be the baseline file's mode after the rename. os.open with
-    # 0666 lets the umask decide, as for any file the user writes.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

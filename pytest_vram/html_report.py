@@ -13,12 +13,11 @@ row is escaped, since test ids and labels hold ``[``, ``<`` and quotes.
 from __future__ import annotations
 
 import html
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from pytest_vram import calibration, html_charts
+from pytest_vram import calibration, files, html_charts
 from pytest_vram.result import MemoryResult
 from pytest_vram.units import format_bytes, format_gib
 
@@ -61,11 +60,7 @@ figcaption { font-size: 12px; color: #555; }
 def write_html(path: Path, rows: Sequence[dict[str, Any]], errors: Sequence[str]) -> None:
     """Write the report to ``path``: to a temporary file, then renamed, so a reader (a CI
     upload step, a browser) never sees half a page."""
-    page = render(rows, errors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_text(path, render(rows, errors))
 
 
 _KINDS: Final = (("pass", "passed"), ("new", "new"), ("fail", "failed"))

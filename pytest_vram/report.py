@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, final
 
-from pytest_vram import calibration
+from pytest_vram import calibration, files
 from pytest_vram.units import column_unit, format_in
 
 if TYPE_CHECKING:
@@ -350,10 +350,7 @@ def write_json(path: Path, summary: Summary, errors: Sequence[str]) -> None:
         "unused": summary.unused,
         "errors": list(errors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def junit_properties(row: dict[str, Any], suffix: str = "") -> list[tuple[str, object]]:
@@ -384,7 +381,4 @@ def benchmark_entries(summary: Summary) -> list[dict[str, Any]]:
 
 
 def write_benchmark_json(path: Path, summary: Summary) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(benchmark_entries(summary), indent=1) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(benchmark_entries(summary), indent=1) + "\n")

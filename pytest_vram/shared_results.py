@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any, Final, final
 
 import pytest
 
+from pytest_vram import files
 from pytest_vram.result import MemoryResult
 
 # The controller's key in each worker's ``workerinput``.
@@ -72,10 +72,8 @@ class SharedResults:
             return
         shared = dataclasses.replace(result, snapshot_path=None)
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as out:
+            with files.replaced(self._path(key)) as tmp, open(tmp, "xb") as out:
                 pickle.dump(shared, out)
-            os.replace(tmp, self._path(key))
         except OSError:
             pass  # a full or vanished folder: the other workers measure the case themselves
 

@@ -44,6 +44,7 @@ PYTEST_PROCESS_MODULES: Final = (
     "pytest_vram.shared_results",
     "pytest_vram.verdict",
     "pytest_vram.baselines",
+    "pytest_vram.files",
     "pytest_vram.report",
     "pytest_vram.invariants",
     "pytest_vram.spec",

@@ -24,16 +24,14 @@ Torch-free. pytest-vram writes pickles and never loads one: unpickling can run c
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
 import pickle
 import re
-import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
+from pytest_vram import files
 from pytest_vram.meters.events import ALLOC, EventLog
 from pytest_vram.timeline import MAX_POINTS, Phase, Timeline, decimate
 
@@ -208,15 +206,8 @@ def snapshot_of(log: EventLog, device: int = 0) -> Snapshot:
 
 def write_pickle(snapshot: Mapping[str, Any], path: str) -> None:
     """Pickle ``snapshot`` to ``path`` whole or not at all: written beside it, then renamed."""
-    fd, tmp = tempfile.mkstemp(prefix=".snapshot-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(snapshot, f, protocol=PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with files.replaced(path) as tmp, open(tmp, "xb") as f:
+        pickle.dump(snapshot, f, protocol=PROTOCOL)
 
 
 def write_snapshot(log: EventLog, path: str, device: int = 0) -> None:

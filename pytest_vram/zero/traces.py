@@ -20,11 +20,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final, final
 
-from pytest_vram import methods
+from pytest_vram import files, methods
 from pytest_vram.meters.memory_viz import snapshot_filename
 from pytest_vram.result import MemoryResult
 from pytest_vram.spec import StepSpec
@@ -92,8 +91,10 @@ class TraceStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         snapshot = traced.snapshot_path
         if snapshot is not None and os.path.exists(snapshot):
-            _write(self.directory / f"{key}.pickle", lambda tmp: _place(snapshot, tmp))
-        _write(self.directory / f"{key}.json", lambda tmp: tmp.write_text(traced.to_json()))
+            with files.replaced(self.directory / f"{key}.pickle") as tmp:
+                _place(snapshot, tmp)
+        with files.replaced(self.directory / f"{key}.json") as tmp:
+            tmp.write_text(traced.to_json())
 
 
 def _place(source: str | Path, target: str | Path) -> None:
@@ -104,10 +105,3 @@ def _place(source: str | Path, target: str | Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-
-
-def _write(path: Path, fill: Callable[[Path], object]) -> None:
-    """``fill`` a temporary file beside ``path``, then move it there: whole or not at all."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # one writer per process
-    fill(tmp)
-    os.replace(tmp, path)
