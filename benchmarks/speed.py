@@ -7,7 +7,8 @@ ratio to the median cold import, measured interleaved with it (import, case, imp
   Qwen2.5-32B LoRA (goal <= 2.5x);
 * the imports each of those estimates cannot do without (no goal: the floor under them);
 * ``pytest-vram estimate --help`` and ``pytest-vram --version`` (goal < 1 s);
-* with ``--suite``: ``pytest suites`` (goal <= 40x), and ``python -m pytest tests`` beside it.
+* with ``--suite``: the README's two commands, ``pytest suites -n auto`` (goal <= 40x) and
+  ``python -m pytest -n auto`` beside it.
 
 The trace alone (7B <= 2 s, 32B LoRA <= 6 s, peak RSS, MemTracker's time) is
 ``benchmarks/fake_trace.py``; the per-case isolation overhead is ``benchmarks/isolation.py``.
@@ -77,12 +78,12 @@ CASES = (
 SUITE = (
     Case(
         "pytest suites",
-        [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "suites", "-n", "auto", "-q", "-p", "no:cacheprovider"],
         40.0,
     ),
     Case(
         "python -m pytest tests",
-        [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "tests", "-n", "auto", "-q", "-p", "no:cacheprovider"],
         float("inf"),
     ),
 )
