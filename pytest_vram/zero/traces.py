@@ -93,8 +93,7 @@ class TraceStore:
         if snapshot is not None and os.path.exists(snapshot):
             with files.replaced(self.directory / f"{key}.pickle") as tmp:
                 _place(snapshot, tmp)
-        with files.replaced(self.directory / f"{key}.json") as tmp:
-            tmp.write_text(traced.to_json())
+        files.write_text(self.directory / f"{key}.json", traced.to_json())
 
 
 def _place(source: str | Path, target: str | Path) -> None:
